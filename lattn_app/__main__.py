@@ -1,0 +1,6 @@
+"""`python -m lattn_app` runs the `lattn` command."""
+
+from lattn_app.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""What every token mixer shares: the forward contract, shape checks, q/k/v projections, RoPE.
+
+Contract (see DESIGN.md): ``mixer(x, hw)`` with tokens ``x`` of shape (B, N, C) whose last H*W tokens
+lie on the ``hw = (H, W)`` grid in row-major order and whose first ``N - H*W`` tokens are prefix tokens
+(class token, register tokens); returns (B, N, C). Mechanisms that allow it take a second token set
+``context`` (B, M, C) with its grid ``context_hw`` for cross-attention: queries from ``x``, keys and
+values from ``context``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .rope import RotaryEmbedding2D
+
+Grid = tuple[int, int]
+
+
+def check_tokens(x: Tensor, hw: Grid | None, what: str = "x") -> None:
+    """Raise a ValueError unless x is (B, N, C) and the grid hw fits into its N tokens."""
+    if x.dim() != 3:
+        raise ValueError(f"{what} must be tokens of shape (B, N, C); got shape {tuple(x.shape)}")
+    if hw is None:
+        return
+    if len(hw) != 2 or min(hw) < 1:
+        raise ValueError(f"the grid of {what} must be (H, W) with H, W >= 1; got {hw}")
+    if hw[0] * hw[1] > x.shape[1]:
+        raise ValueError(
+            f"grid {tuple(hw)} of {what} has {hw[0] * hw[1]} tokens but {what} has only "
+            f"{x.shape[1]} (shape {tuple(x.shape)})"
+        )
+
+
+def num_prefix(num_tokens: int, hw: Grid | None) -> int:
+    """Tokens before the grid; with no grid every token counts as a plain (non-grid) token."""
+    return 0 if hw is None else num_tokens - hw[0] * hw[1]
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """t in fp32 if it is in a half-precision type (bf16, fp16); fp32 and fp64 stay as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def linear_rows(layer: nn.Linear, t: Tensor, start: int, stop: int) -> Tensor:
+    """Outputs start:stop of a linear layer only (e.g. q alone from a fused qkv layer)."""
+    bias = None if layer.bias is None else layer.bias[start:stop]
+    return nn.functional.linear(t, layer.weight[start:stop], bias)
+
+
+class TokenMixer(nn.Module):
+    """Base of every mechanism: validates inputs, then calls :meth:`mix`."""
+
+    supports_rope = False
+    supports_cross_attention = False
+    needs_grid = False  # mixes along the H x W grid, so hw must be given
+    fixed_grid = False  # built for one grid (grid_size); see resample_grid_weight for others
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(
+        self,
+        x: Tensor,
+        hw: Grid | None = None,
+        context: Tensor | None = None,
+        context_hw: Grid | None = None,
+    ) -> Tensor:
+        name = type(self).__name__
+        if hw is not None:
+            hw = (int(hw[0]), int(hw[1]))
+        if context_hw is not None:
+            context_hw = (int(context_hw[0]), int(context_hw[1]))
+        check_tokens(x, hw)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{name} was built for width {self.dim}; x has width {x.shape[-1]}")
+        if hw is None and self.needs_grid:
+            raise ValueError(f"{name} mixes tokens on a grid: pass hw=(H, W)")
+        if context is not None:
+            if not self.supports_cross_attention:
+                raise ValueError(f"{name} does not support cross-attention (context=...)")
+            check_tokens(context, context_hw, "context")
+            if context.shape[0] != x.shape[0] or context.shape[-1] != x.shape[-1]:
+                raise ValueError(
+                    f"context {tuple(context.shape)} must match x {tuple(x.shape)} in batch and width"
+                )
+            if context_hw is None and self.needs_grid:
+                raise ValueError(f"{name} needs the context's grid: pass context_hw=(H, W)")
+        return self.mix(x, hw, context, context_hw)
+
+    def mix(self, x: Tensor, hw: Grid | None, context: Tensor | None, context_hw: Grid | None) -> Tensor:
+        raise NotImplementedError
+
+
+class QKVAttention(TokenMixer):
+    """Multi-head attention skeleton: q/k/v projections, optional 2D RoPE, output projection.
+
+    Subclasses implement :meth:`attend` on per-head tensors (B, heads, N, d). Parameter names (``qkv``,
+    ``proj``) follow timm's ``Attention`` so a pretrained softmax ViT's weights load into any mechanism.
+
+    Mechanisms whose normalisers are sums over all N tokens set ``compute_in_float32``: their
+    :meth:`attend` then runs in fp32 with autocast off, so bf16/fp16 training accumulates the context
+    and normalisers in fp32 and stays finite for large N.
+    """
+
+    compute_in_float32 = False
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        rope: bool = False,
+        rope_base: float = 100.0,
+    ) -> None:
+        super().__init__(dim)
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"width {dim} must be divisible by num_heads; got num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if rope and not self.supports_rope:
+            raise ValueError(f"{type(self).__name__} does not support rotary position embedding (rope)")
+        self.rope = RotaryEmbedding2D(self.head_dim, base=rope_base) if rope else None
+
+    def split_heads(self, t: Tensor) -> Tensor:
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q from x; k and v from context (cross-attention) or from x (self-attention)."""
+        if context is None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q = linear_rows(self.qkv, x, 0, self.dim)
+            k, v = linear_rows(self.qkv, context, self.dim, 3 * self.dim).chunk(2, dim=-1)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+    def mix(self, x: Tensor, hw: Grid | None, context: Tensor | None, context_hw: Grid | None) -> Tensor:
+        q, k, v = self.project(x, context)
+        kv_hw = hw if context is None else context_hw
+        if self.rope is not None:
+            if hw is None or kv_hw is None:
+                raise ValueError("rotary position embedding needs the token grids: pass hw (and context_hw)")
+            q, k = self.rope(q, hw), self.rope(k, kv_hw)
+        if self.compute_in_float32:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = self.attend(at_least_float32(q), at_least_float32(k), at_least_float32(v), hw, kv_hw)
+            out = out.to(v.dtype)
+        else:
+            out = self.attend(q, k, v, hw, kv_hw)
+        if context is None:
+            local = self.local_term(v, hw)
+            if local is not None:
+                out = out + local
+        out = out.transpose(1, 2).flatten(2)
+        return self.proj_drop(self.proj(out))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw: Grid | None, kv_hw: Grid | None) -> Tensor:
+        """Per-head attention: q (B, h, Nq, d), k and v (B, h, Nk, d) -> (B, h, Nq, d)."""
+        raise NotImplementedError
+
+    def local_term(self, v: Tensor, hw: Grid | None) -> Tensor | None:
+        """Optional term added to the attention output in self-attention (e.g. Nystromformer's conv of v)."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, rope={self.rope is not None}"
+
+
+GRID_POLICIES = ("resample", "error")
+
+
+def check_grid_policy(policy: str, mechanism: str) -> str:
+    if policy not in GRID_POLICIES:
+        raise ValueError(f"{mechanism}: on_other_grid must be one of {GRID_POLICIES}; got {policy!r}")
+    return policy
+
+
+def resample_grid_weight(
+    weight: Tensor, built_hw: Grid, hw: Grid, grid_dim: int, preserve_sum: bool, mechanism: str, policy: str
+) -> Tensor:
+    """Adapt a weight with one axis per grid token (length H*W at `grid_dim`) to another grid.
+
+    Fixed-size mechanisms (linformer, mixer) learn one weight per token of the grid they were built
+    for. On another grid the weight is bilinearly resampled as an image over (H, W); with
+    `preserve_sum` it is also scaled by (H*W)/(H'*W') so that a weighted sum over all tokens keeps its
+    magnitude. With ``policy="error"`` any other grid is refused with the supported size named.
+    """
+    if tuple(hw) == tuple(built_hw):
+        return weight
+    if policy == "error":
+        raise ValueError(
+            f"{mechanism} was built for a {built_hw[0]}x{built_hw[1]} token grid and got "
+            f"{hw[0]}x{hw[1]}; it supports only {built_hw[0]}x{built_hw[1]} "
+            f"(set on_other_grid='resample' to resample its weights to other grids)"
+        )
+    moved = weight.movedim(grid_dim, -1)
+    lead = moved.shape[:-1]
+    image = moved.reshape(-1, 1, *built_hw).float()
+    image = nn.functional.interpolate(image, size=tuple(hw), mode="bilinear", align_corners=False)
+    if preserve_sum:
+        image = image * (built_hw[0] * built_hw[1]) / (hw[0] * hw[1])
+    return image.reshape(*lead, hw[0] * hw[1]).movedim(-1, grid_dim).to(weight.dtype)

@@ -1,0 +1,70 @@
+"""CARE linear attention (CARE Transformer; Zhou et al.; CVPR 2025), the token mixer of its stages 3-4.
+
+With phi(x) = ELU(x) + 1:
+    kv  = sum_j phi(k_j) v_j^T / N                     (d x d per head)
+    z_i = 1 / (phi(q_i) . mean_j phi(k_j) + 1e-6)
+    out_i = (phi(q_i)^T kv) z_i
+The CARE block feeds its attention branch's channels straight in as v and has no output projection:
+``value_projection=False`` and ``output_projection=False`` reproduce that (q and k then come from one
+linear layer of 2*dim outputs). The asymmetric channel decoupling, dynamic memory and dual interaction
+belong to the CARE backbone. Context and normaliser are computed in fp32 under autocast.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..registry import ATTENTIONS
+from .base import Grid, QKVAttention, linear_rows
+
+EPSILON = 1e-6
+
+
+@ATTENTIONS.register(
+    "care",
+    description="CARE linear attention: ELU+1 feature map, normalised by phi(q) . mean phi(k)",
+    time="O(N d^2)",
+    memory="O(d^2)",
+)
+class CareAttention(QKVAttention):
+    """ELU+1 normalised linear attention of the CARE Transformer."""
+
+    supports_rope = True
+    supports_cross_attention = True
+    compute_in_float32 = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        rope: bool = False,
+        rope_base: float = 100.0,
+        value_projection: bool = True,
+        output_projection: bool = True,
+    ) -> None:
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, rope, rope_base)
+        self.value_projection = value_projection
+        if not value_projection:
+            self.qkv = nn.Linear(dim, 2 * dim, bias=qkv_bias)  # q and k only; v is the input itself
+        if not output_projection:
+            self.proj = nn.Identity()
+
+    def project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        if self.value_projection:
+            return super().project(x, context)
+        source = x if context is None else context
+        q = linear_rows(self.qkv, x, 0, self.dim)
+        k = linear_rows(self.qkv, source, self.dim, 2 * self.dim)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(source)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw: Grid | None, kv_hw: Grid | None) -> Tensor:
+        phi_q, phi_k = F.elu(q) + 1, F.elu(k) + 1
+        num_keys = k.shape[-2]
+        kv = phi_k.transpose(-2, -1) @ (v / num_keys)  # (B, h, d, d)
+        kv = F.dropout(kv, self.attn_drop, self.training)
+        z = 1.0 / (phi_q @ phi_k.mean(dim=-2).unsqueeze(-1) + EPSILON)  # (B, h, N, 1)
+        return (phi_q @ kv) * z

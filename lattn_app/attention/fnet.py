@@ -1,0 +1,64 @@
+"""FNet Fourier token mixing (Lee-Thorp et al.; the X-formers paper's "FNet"). No parameters.
+
+- ``mode="1d"`` (the paper): Re(FFT_seq(FFT_hidden(x))) over the whole token sequence, prefix tokens
+  included.
+- ``mode="2d"``: the natural form for images: Re(FFT over (H, W, hidden)) of the grid tokens. A prefix
+  token receives the zero-frequency term of the sequence, Re(FFT_hidden(sum of all tokens)), which is
+  exactly what the first token receives in the 1D form, so a class token still sees the whole image.
+
+``fft_norm`` is passed to torch.fft ("backward", the paper's unscaled transform; or "ortho"). The
+transform runs in fp32 under autocast (half-precision FFTs only exist for power-of-two sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..registry import ATTENTIONS
+from .base import Grid, TokenMixer, at_least_float32, num_prefix
+
+MODES = ("1d", "2d")
+FFT_NORMS = ("backward", "ortho", "forward")
+
+
+@ATTENTIONS.register(
+    "fnet",
+    description="FNet: parameter-free Fourier mixing, 1D over the sequence or 2D over the grid",
+    time="O(N C log(N C))",
+    memory="O(N C)",
+)
+class FNetMixer(TokenMixer):
+    """Real part of the Fourier transform over tokens and channels."""
+
+    def __init__(self, dim: int, num_heads: int = 1, mode: str = "1d", fft_norm: str = "backward") -> None:
+        super().__init__(dim)
+        if mode not in MODES:
+            raise ValueError(f"fnet: mode must be one of {MODES}; got {mode!r}")
+        if fft_norm not in FFT_NORMS:
+            raise ValueError(f"fnet: fft_norm must be one of {FFT_NORMS}; got {fft_norm!r}")
+        self.mode = mode
+        self.fft_norm = fft_norm
+        self.needs_grid = mode == "2d"
+
+    def mix(self, x: Tensor, hw: Grid | None, context: Tensor | None, context_hw: Grid | None) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = self.fourier(at_least_float32(x), hw)
+        return out.to(x.dtype)
+
+    def fourier(self, x: Tensor, hw: Grid | None) -> Tensor:
+        if self.mode == "1d":
+            return torch.fft.fft2(x, dim=(-2, -1), norm=self.fft_norm).real
+        assert hw is not None
+        prefix = num_prefix(x.shape[1], hw)
+        grid = x[:, prefix:].unflatten(1, hw)  # (B, H, W, C)
+        mixed = torch.fft.fftn(grid, dim=(1, 2, 3), norm=self.fft_norm).real.flatten(1, 2)
+        if prefix == 0:
+            return mixed
+        # Zero frequency of the whole sequence, scaled like the "1d" transform's first row.
+        dc_scale = {"backward": 1.0, "ortho": x.shape[1] ** -0.5, "forward": 1.0 / x.shape[1]}[self.fft_norm]
+        dc = torch.fft.fft(x.sum(dim=1, keepdim=True) * dc_scale, dim=-1, norm=self.fft_norm).real
+        return torch.cat([dc.expand(-1, prefix, -1), mixed], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, mode={self.mode}, fft_norm={self.fft_norm}"

@@ -1,0 +1,9 @@
+"""Test configuration: every test starts from the same random state."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
