@@ -1,0 +1,79 @@
+"""The `lattn` command: LightningCLI subcommands, `lattn list`, version, config saving, seed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lattn_app import __version__
+from lattn_app.cli import DEFAULT_SEED, main
+
+BORING_MODEL = "lightning.pytorch.demos.boring_classes.BoringModel"
+BORING_DATA = "lightning.pytorch.demos.boring_classes.BoringDataModule"
+
+
+def test_help_names_the_subcommands_and_lattn_list(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("fit", "validate", "test", "predict", "lattn list"):
+        assert word in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"lattn {__version__}"
+
+
+def test_list_prints_every_mechanism_with_complexity(capsys):
+    main(["list"])
+    out = capsys.readouterr().out
+    for name in ("softmax", "efficient", "performer", "linformer", "nystrom", "fnet", "mixer", "coupling", "care"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
+        assert "O(" in line
+    assert "Backbones" in out
+
+
+def test_python_m_and_console_script_work():
+    for command in ([sys.executable, "-m", "lattn_app", "--help"], [str(Path(sys.executable).parent / "lattn"), "list"]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "efficient" in result.stdout or "fit" in result.stdout
+
+
+def test_fit_saves_its_config_overwriting_and_with_the_fixed_seed(tmp_path):
+    args = [
+        "fit",
+        "--model", BORING_MODEL,
+        "--data", BORING_DATA,
+        "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "2",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.save_dir", str(tmp_path),
+        "--trainer.logger.version", "fixed",
+    ]
+    main(args)
+    saved = tmp_path / "lightning_logs" / "fixed" / "config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    assert config["seed_everything"] == DEFAULT_SEED
+    assert config["model"]["class_path"] == BORING_MODEL
+    main(args)  # the same run directory again: the saved config is overwritten, not an error
+    assert saved.exists()
+
+
+def test_a_misspelled_config_key_is_named(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"model:\n  class_path: {BORING_MODEL}\ntrainer:\n  max_epoch: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config)])
+    assert exit_info.value.code != 0
+    assert "max_epoch" in capsys.readouterr().err
