@@ -74,11 +74,12 @@ def test_bf16_autocast_is_close_to_fp32(name):
     assert error < 0.05, f"{name}: bf16 relative error {error:.3f}"
 
 
-@pytest.mark.parametrize("name", ["efficient", "performer", "nystrom", "care", "coupling"])
-def test_large_tokens_and_activations_stay_finite_in_bf16(name):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", LINEAR_MECHANISMS)
+def test_large_tokens_and_activations_stay_finite_under_autocast(name, dtype):
     module = build(name, dim=64, num_heads=4, hw=(64, 64), prefix=0)
     x = torch.randn(1, 64 * 64, 64) * 30
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = module(x, hw=(64, 64))
     assert out.isfinite().all()
 
