@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from inspect import signature
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
 
 from . import __version__
-from .registry import ATTENTIONS, BACKBONES, Registry
+from .backbones import create_backbone
+from .registry import ATTENTIONS, BACKBONES, Entry
 
 DEFAULT_SEED = 42
 
@@ -43,41 +45,66 @@ class LattnCLI(LightningCLI):
         super().__init__(args=args, **kwargs)
 
 
-def _print_registry(registry: Registry, title: str) -> None:
-    entries = registry.entries()
-    print(f"{title} ({len(entries)})")
-    if not entries:
-        print("  (none registered)")
-        return
-    rows = [("NAME", "TIME", "MEMORY", "ROPE", "CROSS", "FIXED GRID", "DESCRIPTION")]
-    for e in entries:
-        yes_no = lambda flag: "yes" if flag else "-"  # noqa: E731
-        source = "" if e.source == "lattn" else f" [{e.source}]"
-        rows.append((e.name, e.time, e.memory, yes_no(e.rope), yes_no(e.cross), yes_no(e.fixed_grid),
-                     e.description + source))
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns; the last column is not padded."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
 
 
+def _described(entry: Entry) -> str:
+    return entry.description + ("" if entry.source == "lattn" else f" [{entry.source}]")
+
+
+def print_attentions() -> None:
+    entries = ATTENTIONS.entries()
+    print(f"Attention mechanisms ({len(entries)})")
+    yes_no = {True: "yes", False: "-"}
+    rows = [("NAME", "TIME", "MEMORY", "ROPE", "CROSS", "FIXED GRID", "DESCRIPTION")]
+    rows += [(e.name, e.time, e.memory, yes_no[e.rope], yes_no[e.cross], yes_no[e.fixed_grid], _described(e))
+             for e in entries]
+    _print_table(rows)
+
+
+def print_backbones(complexity: bool, image_size: int | None) -> None:
+    entries = BACKBONES.entries()
+    print(f"Backbones ({len(entries)})")
+    if not complexity:
+        _print_table([("NAME", "DESCRIPTION")] + [(e.name, _described(e)) for e in entries])
+        return
+    rows = [("NAME", "PARAMS", "GMACS", "AT", "DESCRIPTION")]
+    for e in entries:
+        try:
+            native = signature(e.builder).parameters.get("img_size")
+            size = image_size or (native.default if native is not None else 224)
+            options = {"img_size": size} if native is not None else {}
+            cost = create_backbone(e.name, **options).complexity(size)
+            rows.append((e.name, f"{cost.params_m:.2f}M", f"{cost.gmacs:.3f}", f"{size}x{size}", _described(e)))
+        except Exception as error:  # one backbone that cannot be built at this size must not hide the rest
+            rows.append((e.name, "-", "-", "-", f"{_described(e)} (not measured: {error})"))
+    _print_table(rows)
+
+
 def list_command(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lattn list",
-        description="Print the registered attention mechanisms and backbones (plug-ins included), "
-        "with a one-line description and their time and memory complexity in the token count N "
-        "(d: head size, C: width, m: features or landmarks, k: projected length, h: hidden size).",
+        description="Print the registered attention mechanisms and backbones (plug-ins included). "
+        "Mechanisms show their time and memory complexity in the token count N (d: head size, C: width, "
+        "m: features or landmarks, k: projected length, h: hidden size); backbones show their parameters "
+        "and GMACs with --complexity.",
     )
     parser.add_argument("what", nargs="?", choices=("all", "attention", "backbones"), default="all")
+    parser.add_argument("--complexity", action="store_true",
+                        help="build each backbone and count its parameters and GMACs (one image)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side for --complexity (default: each backbone's own input size)")
     options = parser.parse_args(list(argv))
-    # Importing the packages registers lattn's own entries.
-    from . import attention  # noqa: F401
-
     if options.what in ("all", "attention"):
-        _print_registry(ATTENTIONS, "Attention mechanisms")
+        print_attentions()
     if options.what == "all":
         print()
     if options.what in ("all", "backbones"):
-        _print_registry(BACKBONES, "Backbones")
+        print_backbones(options.complexity, options.image_size)
 
 
 def main(args: Sequence[str] | None = None) -> None:

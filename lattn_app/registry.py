@@ -19,6 +19,7 @@ point's name.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -98,7 +99,8 @@ class Registry:
                     f"{self.kind} {name!r} is registered twice: by {self._entries[name].source} "
                     f"and by {builder.__module__}"
                 )
-            module = getattr(builder, "__module__", "") or ""
+            target = builder.func if isinstance(builder, functools.partial) else builder  # presets
+            module = getattr(target, "__module__", "") or ""
             self._entries[name] = Entry(
                 name=name,
                 builder=builder,
