@@ -9,13 +9,20 @@ import lattn_app.backbones.couplformer  # noqa: F401 (registers the backbones)
 from lattn_app.attention.coupling import CouplingAttention
 from lattn_app.attention.softmax import SoftmaxAttention
 from lattn_app.backbones import Backbone, create_backbone
-from lattn_app.backbones.couplformer import FLAT_PRESETS, SequencePooling, couplformer, couplformer_hierarchical
+from lattn_app.backbones.couplformer import (
+    FLAT_PRESETS,
+    SequencePooling,
+    couplformer,
+    couplformer_hierarchical,
+)
 from lattn_app.registry import BACKBONES
 
 # Small sizes so the whole file runs in seconds on a CPU; head size 2 as in the reference.
 SMALL = {
     "couplformer": dict(depth=2, embed_dim=32, num_heads=16, mlp_ratio=2.0, img_size=32),
-    "couplformer_hierarchical": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(8, 16, 32, 64), img_size=64),
+    "couplformer_hierarchical": dict(
+        embed_dim=16, depths=(1, 1, 1, 1), num_heads=(8, 16, 32, 64), img_size=64
+    ),
 }
 NAMES = list(SMALL)
 

@@ -9,8 +9,10 @@
   coupled map is cheap enough for the whole grid) and patch merging between stages (strides 4/8/16/32).
 
 Both run coupling attention by default and take any registered token mixer instead (``attention=``),
-so ``attention="softmax"`` builds the same network with regular attention: the "regular Transformer"
-twin of the paper's memory comparison (same parameter names and count).
+so ``attention="softmax"`` builds the same network with regular attention (same parameter names and
+count). For the paper's memory comparison against the "regular Transformer", which materialises the
+N x N map, pass ``attention_options={"fused": False}`` too: the default fused softmax kernel never
+stores that map and then needs less activation memory than coupling attention.
 
 The reference runs many tiny heads (head size 1-4) because the coupled maps cost H^2 + W^2 per head;
 the presets below keep that head size of 2. ImageNet recipe of the paper: AdamW lr 5e-4, weight decay
@@ -313,9 +315,13 @@ class CouplformerHierarchical(Backbone):
     ) -> None:
         super().__init__()
         if len(depths) != len(num_heads):
-            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
+            raise ValueError(
+                f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage"
+            )
         if embed_dim % 4:
-            raise ValueError(f"embed_dim {embed_dim} must be divisible by 4 (2D sine-cosine position embedding)")
+            raise ValueError(
+                f"embed_dim {embed_dim} must be divisible by 4 (2D sine-cosine position embedding)"
+            )
         self.num_classes = num_classes
         self.img_size = _pair(img_size)
         widths = [embed_dim * 2**i for i in range(len(depths))]
