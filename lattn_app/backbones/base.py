@@ -20,6 +20,16 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
+def maps_to_tokens(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H*W, C) in row-major grid order (the token mixer contract)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def tokens_to_maps(x: Tensor, hw: tuple[int, int]) -> Tensor:
+    """(B, H*W, C) -> (B, C, H, W)."""
+    return x.transpose(1, 2).unflatten(2, hw)
+
+
 @dataclass(frozen=True)
 class FeatureLevel:
     """One level of a backbone's feature pyramid."""

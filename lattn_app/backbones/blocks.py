@@ -7,12 +7,36 @@ attention registry.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import Tensor, nn
 
-from ..attention import create_attention
+from ..attention import attention_info, create_attention
+
+
+def mixer_options(
+    attention: str, options: dict[str, Any] | None, grid: tuple[int, int], num_prefix_tokens: int = 0,
+    rope: bool = False,
+) -> dict[str, Any]:
+    """A mechanism's options completed with what the network knows about its tokens.
+
+    Mechanisms built for one grid (linformer, mixer) get ``grid_size``; those that count prefix tokens
+    get ``num_prefix_tokens``; ``rope=True`` is passed on where the mechanism supports it and refused
+    with a clear error where it does not. Options the user gave explicitly win.
+    """
+    options = dict(options or {})
+    info = attention_info(attention)
+    if info.fixed_grid:
+        options.setdefault("grid_size", grid)
+    if "num_prefix_tokens" in inspect.signature(info.builder).parameters:
+        options.setdefault("num_prefix_tokens", num_prefix_tokens)
+    if rope:
+        if not info.rope:
+            raise ValueError(f"pos_embed='rope' needs a mechanism that supports RoPE; {attention!r} does not")
+        options["rope"] = True
+    return options
 
 
 class TransformerBlock(nn.Module):

@@ -48,22 +48,12 @@ from torch.nn import functional as F
 
 from ..attention import create_attention
 from ..registry import BACKBONES
-from .base import Backbone, FeatureLevel
+from .base import Backbone, FeatureLevel, maps_to_tokens, tokens_to_maps
 
 STRIDES = (4, 8, 16, 32)
 ATTENTION_STAGES = (2, 3)  # stages 3 and 4 (0-based) use attention; stages 1-2 use strip convolutions
 HEAD_SIZES = (None, None, 16, 32)  # attention head size per stage
 LAYER_SCALE_INIT = 1e-6
-
-
-def maps_to_tokens(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, H*W, C) in row-major grid order (the token mixer contract)."""
-    return x.flatten(2).transpose(1, 2)
-
-
-def tokens_to_maps(x: Tensor, hw: tuple[int, int]) -> Tensor:
-    """(B, H*W, C) -> (B, C, H, W)."""
-    return x.transpose(1, 2).unflatten(2, hw)
 
 
 class StripConvMixer(nn.Module):

@@ -33,10 +33,9 @@ from timm.layers import PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_e
 from timm.models.swin_transformer import PatchMerging
 from torch import Tensor, nn
 
-from ..attention import attention_info
 from ..registry import BACKBONES
-from .base import Backbone, FeatureLevel
-from .blocks import TransformerBlock
+from .base import Backbone, FeatureLevel, tokens_to_maps
+from .blocks import TransformerBlock, mixer_options
 
 Grid = tuple[int, int]
 GLOBAL_POOLS = ("attention", "avg")
@@ -66,14 +65,6 @@ def _pair(size: int | Grid) -> Grid:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _mixer_options(attention: str, attention_options: dict[str, Any] | None, grid: Grid) -> dict[str, Any]:
-    """The token mixer's options; a mechanism built for one grid (linformer, mixer) gets `grid`."""
-    options = dict(attention_options or {})
-    if attention_info(attention).fixed_grid:
-        options.setdefault("grid_size", grid)
-    return options
-
-
 def _drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
     """Stochastic depth growing linearly from 0 in the first block to `drop_path_rate` in the last."""
     return torch.linspace(0, drop_path_rate, num_blocks).tolist()
@@ -93,11 +84,6 @@ def _init_weights(module: nn.Module) -> None:
 def _check_choice(what: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
     if value not in choices:
         raise ValueError(f"{what} must be one of {tuple(choices)}; got {value!r}")
-
-
-def _tokens_to_map(tokens: Tensor, hw: Grid) -> Tensor:
-    """(B, H*W, C) tokens -> (B, C, H, W) map."""
-    return tokens.transpose(1, 2).unflatten(-1, hw)
 
 
 class SequencePooling(nn.Module):
@@ -206,7 +192,7 @@ class Couplformer(Backbone):
 
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        options = _mixer_options(attention, attention_options, self.grid_size)
+        options = mixer_options(attention, attention_options, self.grid_size)
         self.blocks = nn.ModuleList(
             [
                 TransformerBlock(embed_dim, num_heads, attention, options, mlp_ratio, drop_rate, rate)
@@ -243,7 +229,7 @@ class Couplformer(Backbone):
 
     def forward_pyramid(self, images: Tensor) -> list[Tensor]:
         tokens, hw = self.encode(images)
-        return [_tokens_to_map(tokens, hw)]
+        return [tokens_to_maps(tokens, hw)]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -353,7 +339,7 @@ class CouplformerHierarchical(Backbone):
                     num_heads=heads,
                     downsample=i > 0,
                     attention=attention,
-                    attention_options=_mixer_options(attention, attention_options, grid),
+                    attention_options=mixer_options(attention, attention_options, grid),
                     mlp_ratio=mlp_ratio,
                     drop_rate=drop_rate,
                     drop_path_rates=rates[first : first + depth],

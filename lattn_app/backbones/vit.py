@@ -14,7 +14,6 @@ Any image size whose sides divide by the patch size works at run time. Fixed-siz
 
 from __future__ import annotations
 
-import inspect
 from functools import partial
 from typing import Any
 
@@ -22,10 +21,9 @@ import torch
 from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
-from ..attention import attention_info
-from ..registry import ATTENTIONS, BACKBONES
-from .base import Backbone, FeatureLevel
-from .blocks import TransformerBlock
+from ..registry import BACKBONES
+from .base import Backbone, FeatureLevel, tokens_to_maps
+from .blocks import TransformerBlock, mixer_options
 
 STEMS = ("linear", "conv")
 POSITION_EMBEDDINGS = ("learned", "sincos", "rope", "none")
@@ -109,7 +107,9 @@ class VisionTransformer(Backbone):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim)) if pos_embed == "learned" else None
         self.pos_drop = nn.Dropout(drop_rate)
 
-        block_attention_options = self._attention_options(attention, attention_options, pos_embed == "rope")
+        block_attention_options = mixer_options(
+            attention, attention_options, self.grid_size, self.num_prefix_tokens, rope=pos_embed == "rope"
+        )
         drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
             TransformerBlock(embed_dim, num_heads, attention, block_attention_options, mlp_ratio, drop_rate,
@@ -124,21 +124,6 @@ class VisionTransformer(Backbone):
             from .timm_weights import load_pretrained
 
             self.load_report = load_pretrained(self, pretrained)
-
-    def _attention_options(self, attention: str, options: dict[str, Any] | None, rope: bool) -> dict[str, Any]:
-        """The mechanism's options, completed with what the network knows (grid, prefix tokens, rope)."""
-        options = dict(options or {})
-        info = attention_info(attention)
-        accepted = inspect.signature(ATTENTIONS.get(attention).builder).parameters
-        if info.fixed_grid:
-            options.setdefault("grid_size", self.grid_size)
-        if "num_prefix_tokens" in accepted:
-            options.setdefault("num_prefix_tokens", self.num_prefix_tokens)
-        if rope:
-            if not info.rope:
-                raise ValueError(f"vit: pos_embed='rope' needs a mechanism that supports RoPE; {attention!r} does not")
-            options["rope"] = True
-        return options
 
     def init_weights(self) -> None:
         if self.pos_embed is not None:
@@ -189,7 +174,7 @@ class VisionTransformer(Backbone):
         """The last block's grid tokens as one map (B, dim, H/p, W/p); necks build pyramids from it."""
         grid = (images.shape[-2] // self.patch_embed.patch_size, images.shape[-1] // self.patch_embed.patch_size)
         grid_tokens = self.forward_features(images)[:, self.num_prefix_tokens :]
-        return [grid_tokens.transpose(1, 2).unflatten(2, grid)]
+        return [tokens_to_maps(grid_tokens, grid)]
 
     def reset_classifier(self, num_classes: int) -> None:
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
