@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 import lattn_app.backbones.care as care
 from lattn_app.attention import attention_info
+from lattn_app.backbones import create_backbone
 from lattn_app.backbones.base import count_complexity
 from lattn_app.registry import BACKBONES
 
@@ -20,7 +21,7 @@ TOLERANCE = 0.03
 
 def small_model(**options) -> care.CareTransformer:
     options.setdefault("num_classes", 10)
-    return care.care_s0(**options)
+    return create_backbone("care_s0", **options)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -34,7 +35,7 @@ def test_params_and_gmacs_match_the_paper(name):
 def test_variants_are_registered():
     for name in PUBLISHED:
         assert name in BACKBONES
-        assert BACKBONES.get(name).builder is getattr(care, name)
+        assert isinstance(BACKBONES.create(name, num_classes=3), care.CareTransformer)
 
 
 def test_unknown_option_is_refused_by_name():
@@ -125,7 +126,7 @@ def test_first_output_channels_of_a_block_are_the_next_blocks_memory():
 
 
 def test_layer_scale_starts_at_1e6_and_the_last_block_widens_to_the_classifier():
-    model = care.care_s0()
+    model = create_backbone("care_s0")
     blocks = [block for stage in model.stages for block in stage.blocks]
     assert len(blocks) == 18
     for block in blocks[:-1]:
@@ -133,11 +134,11 @@ def test_layer_scale_starts_at_1e6_and_the_last_block_widens_to_the_classifier()
     last = blocks[-1]
     assert last.layer_scale is None and last.memory_interaction.project is None
     assert last.out_channels == model.num_features == 1024
-    assert care.care_s2().num_features == 1536
+    assert create_backbone("care_s2").num_features == 1536
 
 
 def test_stages_three_and_four_use_care_linear_attention_with_the_paper_head_sizes():
-    model = care.care_s2()
+    model = create_backbone("care_s2")
     care_class = attention_info("care").builder
     for stage, head_size in zip(model.stages[2:], (16, 32)):
         attn = stage.blocks[0].decoupling.attention_mixer.attn
@@ -190,4 +191,4 @@ def test_bad_configurations_name_the_values():
     with pytest.raises(ValueError, match="24 must be a multiple of the head size 16"):
         care.AttentionMixer(24, 16)
     with pytest.raises(ValueError, match="num_classes"):
-        care.care_s0(num_classes=-1)
+        create_backbone("care_s0", num_classes=-1)

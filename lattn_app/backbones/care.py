@@ -40,6 +40,7 @@ H' / s_i x W' / s_i cells and its top-left ceil(H / s_i) x ceil(W / s_i) cells c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from timm.layers import DropPath, LayerScale2d, trunc_normal_
@@ -345,37 +346,9 @@ def _describe(name: str, config: CareConfig) -> str:
     return f"CARE Transformer {name} (CVPR 2025): depths {config.depths}, widths {config.widths}"
 
 
-@BACKBONES.register("care_s0", description=_describe("S0", CARE_S0), time="O(N)", memory="O(N)")
-def care_s0(
-    num_classes: int = 1000,
-    attention: str = "care",
-    drop_path_rate: float = 0.0,
-    distillation: bool = True,
-    in_chans: int = 3,
-) -> CareTransformer:
-    """CARE-S0: 7.3M params, 0.7 GMACs at 224x224 (published)."""
-    return CareTransformer(CARE_S0, num_classes, attention, drop_path_rate, distillation, in_chans)
-
-
-@BACKBONES.register("care_s1", description=_describe("S1", CARE_S1), time="O(N)", memory="O(N)")
-def care_s1(
-    num_classes: int = 1000,
-    attention: str = "care",
-    drop_path_rate: float = 0.0,
-    distillation: bool = True,
-    in_chans: int = 3,
-) -> CareTransformer:
-    """CARE-S1: 9.6M params, 1.0 GMACs at 224x224 (published)."""
-    return CareTransformer(CARE_S1, num_classes, attention, drop_path_rate, distillation, in_chans)
-
-
-@BACKBONES.register("care_s2", description=_describe("S2", CARE_S2), time="O(N)", memory="O(N)")
-def care_s2(
-    num_classes: int = 1000,
-    attention: str = "care",
-    drop_path_rate: float = 0.0,
-    distillation: bool = True,
-    in_chans: int = 3,
-) -> CareTransformer:
-    """CARE-S2: 19.5M params, 1.9 GMACs at 224x224 (published)."""
-    return CareTransformer(CARE_S2, num_classes, attention, drop_path_rate, distillation, in_chans)
+# Each variant is CareTransformer with its configuration bound; the other options stay keyword arguments.
+for _name, _config, _published in (("S0", CARE_S0, "7.3M params, 0.7 GMACs"), ("S1", CARE_S1, "9.6M params, 1.0 GMACs"),
+                                   ("S2", CARE_S2, "19.5M params, 1.9 GMACs")):
+    BACKBONES.register(
+        f"care_{_name.lower()}", description=f"{_describe(_name, _config)}; published {_published} at 224"
+    )(partial(CareTransformer, _config))
