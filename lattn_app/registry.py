@@ -22,7 +22,7 @@ import difflib
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -159,6 +159,13 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         self._load_plugins()
         return name in self._entries
+
+
+def check_choice(what: str, value: Any, choices: Sequence[Any]) -> Any:
+    """Return `value` if it is one of `choices`, else raise a ValueError naming `what` and the choices."""
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {tuple(choices)}; got {value!r}")
+    return value
 
 
 def check_options(builder: Callable[..., Any], options: dict[str, Any], what: str) -> None:

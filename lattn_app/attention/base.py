@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..registry import check_choice
 from .rope import RotaryEmbedding2D
 
 Grid = tuple[int, int]
@@ -177,9 +178,7 @@ GRID_POLICIES = ("resample", "error")
 
 
 def check_grid_policy(policy: str, mechanism: str) -> str:
-    if policy not in GRID_POLICIES:
-        raise ValueError(f"{mechanism}: on_other_grid must be one of {GRID_POLICIES}; got {policy!r}")
-    return policy
+    return check_choice(f"{mechanism}: on_other_grid", policy, GRID_POLICIES)
 
 
 def resample_grid_weight(

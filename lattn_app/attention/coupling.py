@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..registry import ATTENTIONS
+from ..registry import ATTENTIONS, check_choice
 from .base import Grid, QKVAttention, num_prefix
 
 VARIANTS = ("concat", "pooling")
@@ -50,9 +50,7 @@ class CouplingAttention(QKVAttention):
         scale: float | None = None,
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
-        if variant not in VARIANTS:
-            raise ValueError(f"coupling: variant must be one of {VARIANTS}; got {variant!r}")
-        self.variant = variant
+        self.variant = check_choice("coupling: variant", variant, VARIANTS)
         self.scale = self.head_dim**-0.25 if scale is None else scale
 
     def coupled_maps(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:

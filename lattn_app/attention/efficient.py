@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..registry import ATTENTIONS
+from ..registry import ATTENTIONS, check_choice
 from .base import Grid, QKVAttention
 
 NORMALIZATIONS = ("softmax", "scaling")
@@ -51,11 +51,7 @@ class EfficientAttention(QKVAttention):
         temperature: bool = False,
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, rope, rope_base)
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"efficient attention: normalization must be one of {NORMALIZATIONS}; got {normalization!r}"
-            )
-        self.normalization = normalization
+        self.normalization = check_choice("efficient attention: normalization", normalization, NORMALIZATIONS)
         self.temperature = temperature
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw: Grid | None, kv_hw: Grid | None) -> Tensor:

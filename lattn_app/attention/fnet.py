@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..registry import ATTENTIONS
+from ..registry import ATTENTIONS, check_choice
 from .base import Grid, TokenMixer, at_least_float32, num_prefix
 
 MODES = ("1d", "2d")
@@ -33,12 +33,8 @@ class FNetMixer(TokenMixer):
 
     def __init__(self, dim: int, num_heads: int = 1, mode: str = "1d", fft_norm: str = "backward") -> None:
         super().__init__(dim)
-        if mode not in MODES:
-            raise ValueError(f"fnet: mode must be one of {MODES}; got {mode!r}")
-        if fft_norm not in FFT_NORMS:
-            raise ValueError(f"fnet: fft_norm must be one of {FFT_NORMS}; got {fft_norm!r}")
-        self.mode = mode
-        self.fft_norm = fft_norm
+        self.mode = check_choice("fnet: mode", mode, MODES)
+        self.fft_norm = check_choice("fnet: fft_norm", fft_norm, FFT_NORMS)
         self.needs_grid = mode == "2d"
 
     def mix(self, x: Tensor, hw: Grid | None, context: Tensor | None, context_hw: Grid | None) -> Tensor:

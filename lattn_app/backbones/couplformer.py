@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.layers import PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models.swin_transformer import PatchMerging
 from torch import Tensor, nn
 
-from ..registry import BACKBONES
+from ..registry import BACKBONES, check_choice
 from .base import Backbone, FeatureLevel, tokens_to_maps
 from .blocks import TransformerBlock, mixer_options
 
@@ -61,10 +61,6 @@ FLAT_PRESETS: dict[str, FlatPreset] = {
 }
 
 
-def _pair(size: int | Grid) -> Grid:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 def _drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
     """Stochastic depth growing linearly from 0 in the first block to `drop_path_rate` in the last."""
     return torch.linspace(0, drop_path_rate, num_blocks).tolist()
@@ -79,11 +75,6 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-
-
-def _check_choice(what: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{what} must be one of {tuple(choices)}; got {value!r}")
 
 
 class SequencePooling(nn.Module):
@@ -113,7 +104,7 @@ class MeanPooling(nn.Module):
 
 
 def _make_pool(global_pool: str, dim: int) -> nn.Module:
-    _check_choice("global_pool", global_pool, GLOBAL_POOLS)
+    check_choice("global_pool", global_pool, GLOBAL_POOLS)
     return SequencePooling(dim) if global_pool == "attention" else MeanPooling()
 
 
@@ -185,7 +176,7 @@ class Couplformer(Backbone):
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         self.num_classes = num_classes
         self.num_features = embed_dim
-        self.img_size = _pair(img_size)
+        self.img_size = to_2tuple(img_size)
         self.tokenizer = ConvTokenizer(in_chans, embed_dim, num_layers=tokenizer_layers)
         self.grid_size = self.tokenizer.grid(self.img_size)
         self.feature_info = [FeatureLevel(channels=embed_dim, stride=self.tokenizer.stride)]
@@ -309,7 +300,7 @@ class CouplformerHierarchical(Backbone):
                 f"embed_dim {embed_dim} must be divisible by 4 (2D sine-cosine position embedding)"
             )
         self.num_classes = num_classes
-        self.img_size = _pair(img_size)
+        self.img_size = to_2tuple(img_size)
         widths = [embed_dim * 2**i for i in range(len(depths))]
         strides = [patch_size * 2**i for i in range(len(depths))]
         self.num_features = widths[-1]
@@ -409,7 +400,7 @@ def couplformer(
     `attention_options` go to it (e.g. ``{"variant": "pooling", "attn_drop": 0.1}`` for coupling).
     `global_pool` is "attention" (CCT's sequence pooling, the reference) or "avg".
     """
-    _check_choice("couplformer preset", preset, list(FLAT_PRESETS))
+    check_choice("couplformer preset", preset, list(FLAT_PRESETS))
     size = FLAT_PRESETS[preset]
     return Couplformer(
         depth=size.depth if depth is None else depth,

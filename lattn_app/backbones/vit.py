@@ -18,10 +18,10 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from torch import Tensor, nn
 
-from ..registry import BACKBONES
+from ..registry import BACKBONES, check_choice
 from .base import Backbone, FeatureLevel, tokens_to_maps
 from .blocks import TransformerBlock, mixer_options
 
@@ -87,13 +87,12 @@ class VisionTransformer(Backbone):
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
-        for value, allowed, what in ((stem, STEMS, "stem"), (pos_embed, POSITION_EMBEDDINGS, "pos_embed"),
-                                     (global_pool, POOLINGS, "global_pool")):
-            if value not in allowed:
-                raise ValueError(f"vit: {what} must be one of {allowed}; got {value!r}")
+        check_choice("vit: stem", stem, STEMS)
+        check_choice("vit: pos_embed", pos_embed, POSITION_EMBEDDINGS)
+        check_choice("vit: global_pool", global_pool, POOLINGS)
         if global_pool == "token" and not class_token:
             raise ValueError("vit: global_pool='token' needs class_token=True (or use global_pool='avg')")
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        img_size = to_2tuple(img_size)
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_prefix_tokens = 1 if class_token else 0
         self.pos_embed_kind = pos_embed
