@@ -10,17 +10,24 @@ Tests and notebooks call ``main([...])`` with the same words as the command line
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from inspect import signature
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
 
-from . import __version__
+from . import __version__, data, tasks  # noqa: F401 (tasks and datamodules by short class name)
 from .backbones import create_backbone
 from .registry import ATTENTIONS, BACKBONES, Entry
 
 DEFAULT_SEED = 42
+# (datamodule attribute, model argument) pairs the CLI fills in from the datamodule.
+LINKED_DATA_ATTRIBUTES = (
+    ("max_disparity", "max_disparity"),
+    ("num_classes", "num_classes"),
+    ("class_names", "class_names"),
+)
 
 DESCRIPTION = (
     "lattn trains and evaluates vision models built on memory-efficient attention.\n"
@@ -43,6 +50,12 @@ class LattnCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
         kwargs.setdefault("parser_kwargs", {"prog": "lattn", "version": __version__, "description": DESCRIPTION})
         super().__init__(args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # What the data determines is linked, not repeated: the model gets it from the datamodule
+        # instance. A link whose source or target a chosen class lacks is skipped by jsonargparse.
+        for data_attribute, model_argument in LINKED_DATA_ATTRIBUTES:
+            parser.link_arguments(f"data.{data_attribute}", f"model.init_args.{model_argument}", apply_on="instantiate")
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
@@ -107,6 +120,17 @@ def list_command(argv: Sequence[str]) -> None:
         print_backbones(options.complexity, options.image_size)
 
 
+def show_lattn_logs(level: int = logging.INFO) -> None:
+    """Print lattn's own log lines (which data is used, what was loaded) next to Lightning's."""
+    logger = logging.getLogger("lattn_app")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[lattn] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of `lattn` and `python -m lattn_app`; `args` defaults to the command line."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -115,6 +139,7 @@ def main(args: Sequence[str] | None = None) -> None:
         return
     if not argv:
         argv = args = ["--help"]
+    show_lattn_logs()
     # LightningCLI reads sys.argv itself when args is None (and warns if given both).
     LattnCLI(args=None if args is None else argv)
 

@@ -1,0 +1,11 @@
+"""Datamodules of lattn: real on-disk formats, and embedded synthetic sets of the same formats.
+
+The CLI finds them by short class name (``data: SceneFlowDataModule``). With ``root`` unset each
+datamodule generates its embedded synthetic set once into the cache directory (``$LATTN_CACHE_DIR``,
+default ``~/.cache/lattn``) and says so in the log.
+"""
+
+from .classification import CIFARDataModule, ImageFolderDataModule
+from .sceneflow import SceneFlowDataModule
+
+__all__ = ["CIFARDataModule", "ImageFolderDataModule", "SceneFlowDataModule"]

@@ -1,0 +1,1 @@
+"""Task networks that are not backbones: the stereo matching network (and detection necks)."""

@@ -1,0 +1,269 @@
+"""The stereo network: PSMNet with attention over 1/4-resolution features (Efficient Attention, §5).
+
+    left, right (B, 3, H, W), normalised
+      -> backbone pyramid of both views (one batched pass), fused into one stride-4 map per view
+      -> attention layers over the stride-4 tokens: self-attention within each view, then
+         cross-attention between the views (queries from one view, keys/values from the other)
+      -> cost volume over disparities 0 .. max_disparity/4 - 1 (concatenation or group-wise correlation)
+      -> 3D convolutions and stacked 3D hourglasses; each hourglass gives a cost volume
+      -> trilinear upsampling to (max_disparity, H, W), softmax over disparity, soft-argmin
+    = one full-resolution disparity map per hourglass (training supervises all; inference uses the last).
+
+Images of any size work: they are padded on the bottom/right to a multiple of :attr:`StereoNet.size_multiple`
+and the prediction is cropped back.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attention import attention_info
+from ..backbones import create_backbone
+from ..backbones.base import maps_to_tokens, tokens_to_maps
+from ..backbones.blocks import TransformerBlock, mixer_options
+from ..registry import BACKBONES, check_choice
+
+COST_VOLUMES = ("gwc", "concat")
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(True)
+    )
+
+
+def conv3d_bn(in_channels: int, out_channels: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv3d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm3d(out_channels)]
+    if relu:
+        layers.append(nn.ReLU(True))
+    return nn.Sequential(*layers)
+
+
+def deconv3d_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Doubles depth, height and width (the inverse of a stride-2 conv3d_bn on even sizes)."""
+    return nn.Sequential(
+        nn.ConvTranspose3d(in_channels, out_channels, 3, 2, 1, output_padding=1, bias=False),
+        nn.BatchNorm3d(out_channels),
+    )
+
+
+class FeatureFusion(nn.Module):
+    """Backbone pyramid levels -> one stride-4 feature map (each level projected, upsampled, summed)."""
+
+    def __init__(self, in_channels: list[int], strides: list[int], dim: int) -> None:
+        super().__init__()
+        if 4 not in strides and min(strides) < 4:
+            raise ValueError(f"the stereo network needs backbone features at stride >= 4; got strides {strides}")
+        self.lateral = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in in_channels)
+        self.smooth = nn.Sequential(conv_bn_relu(dim, dim), nn.Conv2d(dim, dim, 3, padding=1))
+
+    def forward(self, levels: list[Tensor], size: tuple[int, int]) -> Tensor:
+        fused = 0
+        for lateral, level in zip(self.lateral, levels):
+            mapped = lateral(level)
+            if mapped.shape[-2:] != size:
+                mapped = F.interpolate(mapped, size=size, mode="bilinear", align_corners=False)
+            fused = fused + mapped
+        return self.smooth(fused)
+
+
+class StereoAttention(nn.Module):
+    """Attention over the stride-4 features of both views: self-attention, then cross-attention.
+
+    Each layer is a self-attention block (within each view) followed, when `cross_attention` is on, by a
+    cross-attention block (left queries attend to right keys/values and vice versa; the block's
+    weights are shared by the two directions). Both views go through as one batch.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, depth: int, attention: str, attention_options: dict[str, Any] | None,
+        grid: tuple[int, int], cross_attention: bool = True, rope: bool = False,
+    ) -> None:
+        super().__init__()
+        if cross_attention and not attention_info(attention).cross:
+            raise ValueError(
+                f"stereo cross-attention needs a mechanism that supports cross-attention; {attention!r} does "
+                f"not (set cross_attention: false, or choose one that lattn list marks CROSS yes)"
+            )
+        options = mixer_options(attention, attention_options, grid, 0, rope=rope)
+        self.self_blocks = nn.ModuleList(TransformerBlock(dim, num_heads, attention, options) for _ in range(depth))
+        self.cross_blocks = nn.ModuleList(
+            TransformerBlock(dim, num_heads, attention, options) for _ in range(depth if cross_attention else 0)
+        )
+
+    def forward(self, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+        batch, hw = left.shape[0], (left.shape[-2], left.shape[-1])
+        x = maps_to_tokens(torch.cat([left, right]))
+        for index, self_block in enumerate(self.self_blocks):
+            x = self_block(x, hw)
+            if self.cross_blocks:
+                other_view = torch.cat([x[batch:], x[:batch]])
+                x = self.cross_blocks[index](x, hw, other_view, hw)
+        maps = tokens_to_maps(x, hw)
+        return maps[:batch], maps[batch:]
+
+
+def build_cost_volume(left: Tensor, right: Tensor, num_disparities: int, kind: str, groups: int) -> Tensor:
+    """(B, C, H, W) features of both views -> cost volume over disparities 0 .. num_disparities - 1.
+
+    ``gwc``: group-wise correlation, (B, groups, D, H, W): the mean product of the channels of each
+    group of left[x] and right[x - d]. ``concat``: PSMNet's concatenation, (B, 2C, D, H, W). Pixels with
+    x < d (no partner in the right view) are zero.
+    """
+    batch, channels, height, width = left.shape
+    if kind == "gwc":
+        if channels % groups:
+            raise ValueError(f"group-wise correlation: feature channels {channels} must divide by groups={groups}")
+        volume = left.new_zeros(batch, groups, num_disparities, height, width)
+        left_groups = left.view(batch, groups, channels // groups, height, width)
+        right_groups = right.view(batch, groups, channels // groups, height, width)
+        for d in range(num_disparities):
+            if d == 0:
+                volume[:, :, 0] = (left_groups * right_groups).mean(dim=2)
+            else:
+                volume[:, :, d, :, d:] = (left_groups[..., d:] * right_groups[..., :-d]).mean(dim=2)
+        return volume
+    volume = left.new_zeros(batch, 2 * channels, num_disparities, height, width)
+    for d in range(num_disparities):
+        if d == 0:
+            volume[:, :channels, 0], volume[:, channels:, 0] = left, right
+        else:
+            volume[:, :channels, d, :, d:] = left[..., d:]
+            volume[:, channels:, d, :, d:] = right[..., :-d]
+    return volume
+
+
+class Hourglass3D(nn.Module):
+    """Encoder-decoder over (disparity, height, width) at 1/2 and 1/4 of the volume's size, with skips."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.down1 = nn.Sequential(conv3d_bn(channels, 2 * channels, stride=2), conv3d_bn(2 * channels, 2 * channels))
+        self.down2 = nn.Sequential(conv3d_bn(2 * channels, 2 * channels, stride=2), conv3d_bn(2 * channels, 2 * channels))
+        self.up1 = deconv3d_bn(2 * channels, 2 * channels)
+        self.up2 = deconv3d_bn(2 * channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        half = self.down1(x)
+        quarter = self.down2(half)
+        half = F.relu(self.up1(quarter) + half)
+        return F.relu(self.up2(half) + x)
+
+
+def disparity_regression(cost: Tensor) -> Tensor:
+    """Soft-argmin: (B, D, H, W) matching scores -> expected disparity sum_d d * softmax(scores)_d."""
+    probabilities = F.softmax(cost, dim=1)
+    disparities = torch.arange(cost.shape[1], device=cost.device, dtype=probabilities.dtype)
+    return (probabilities * disparities.view(1, -1, 1, 1)).sum(dim=1)
+
+
+class StereoNet(nn.Module):
+    """PSMNet-style stereo network with registry backbone and attention (see the module docstring)."""
+
+    def __init__(
+        self,
+        max_disparity: int = 192,
+        backbone: str = "pyramid_tiny",
+        backbone_options: dict[str, Any] | None = None,
+        attention: str = "efficient",
+        attention_options: dict[str, Any] | None = None,
+        attention_depth: int = 1,
+        attention_heads: int = 4,
+        cross_attention: bool = True,
+        rope: bool = False,
+        feature_dim: int = 64,
+        cost_volume: str = "gwc",
+        groups: int = 16,
+        volume_channels: int = 32,
+        num_hourglasses: int = 3,
+        img_size: tuple[int, int] = (256, 512),
+    ) -> None:
+        super().__init__()
+        check_choice("stereo: cost_volume", cost_volume, COST_VOLUMES)
+        if max_disparity < 16 or max_disparity % 16:
+            raise ValueError(
+                f"max_disparity must be a positive multiple of 16 (the 1/4-resolution volume is halved twice "
+                f"by the hourglasses); got {max_disparity}"
+            )
+        if num_hourglasses < 1:
+            raise ValueError(f"num_hourglasses must be at least 1; got {num_hourglasses}")
+        self.max_disparity = max_disparity
+        self.cost_volume = cost_volume
+        self.groups = groups
+
+        options = dict(backbone_options or {})
+        options.setdefault("num_classes", 0)
+        if "attention" in _parameters(backbone):
+            options.setdefault("attention", attention)
+        if "img_size" in _parameters(backbone):
+            options.setdefault("img_size", tuple(img_size))
+        self.backbone = create_backbone(backbone, **options)
+        strides = self.backbone.strides
+        # Padding makes the stride-4 grid divisible by 4 (the hourglasses halve it twice) and fits the backbone.
+        self.size_multiple = max(16, max(strides))
+        self.fusion = FeatureFusion(self.backbone.out_channels, strides, feature_dim)
+        grid = (img_size[0] // 4, img_size[1] // 4)
+        self.attention = (
+            StereoAttention(feature_dim, attention_heads, attention_depth, attention, attention_options, grid,
+                            cross_attention, rope)
+            if attention_depth > 0 else None
+        )
+        volume_in = groups if cost_volume == "gwc" else 2 * feature_dim
+        c = volume_channels
+        self.volume_stem = nn.Sequential(conv3d_bn(volume_in, c), conv3d_bn(c, c))
+        self.volume_residual = nn.Sequential(conv3d_bn(c, c), conv3d_bn(c, c, relu=False))
+        self.hourglasses = nn.ModuleList(Hourglass3D(c) for _ in range(num_hourglasses))
+        self.classifiers = nn.ModuleList(
+            nn.Sequential(conv3d_bn(c, c), nn.Conv3d(c, 1, 3, 1, 1, bias=False)) for _ in range(num_hourglasses)
+        )
+        for module in self.modules():
+            if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+        """Stride-4 features of both views after the attention layers."""
+        size = (left.shape[-2] // 4, left.shape[-1] // 4)
+        levels = self.backbone.forward_pyramid(torch.cat([left, right]))
+        fused = self.fusion(levels, size)
+        left_features, right_features = fused.chunk(2)
+        if self.attention is not None:
+            left_features, right_features = self.attention(left_features, right_features)
+        return left_features, right_features
+
+    def forward(self, left: Tensor, right: Tensor) -> list[Tensor]:
+        """Normalised views (B, 3, H, W) -> disparity maps (B, H, W), one per hourglass (last = final).
+
+        In eval mode only the final map is upsampled and regressed (the earlier ones are not needed).
+        """
+        if left.shape != right.shape:
+            raise ValueError(f"left {tuple(left.shape)} and right {tuple(right.shape)} views must have the same shape")
+        height, width = left.shape[-2:]
+        pad_h, pad_w = -height % self.size_multiple, -width % self.size_multiple
+        if pad_h or pad_w:
+            left = F.pad(left, (0, pad_w, 0, pad_h))
+            right = F.pad(right, (0, pad_w, 0, pad_h))
+        left_features, right_features = self.features(left, right)
+        volume = build_cost_volume(left_features, right_features, self.max_disparity // 4, self.cost_volume,
+                                   self.groups)
+        x = self.volume_stem(volume)
+        x = self.volume_residual(x) + x
+        outputs, cost = [], None
+        for index, (hourglass, classifier) in enumerate(zip(self.hourglasses, self.classifiers)):
+            x = hourglass(x)
+            cost = classifier(x) if cost is None else classifier(x) + cost
+            if not self.training and index < len(self.hourglasses) - 1:
+                continue
+            full = F.interpolate(cost, size=(self.max_disparity, left.shape[-2], left.shape[-1]), mode="trilinear",
+                                 align_corners=False)
+            outputs.append(disparity_regression(full.squeeze(1))[:, :height, :width])
+        return outputs
+
+
+def _parameters(backbone: str) -> set[str]:
+    """Keyword arguments the registered backbone accepts."""
+    return set(inspect.signature(BACKBONES.get(backbone).builder).parameters)

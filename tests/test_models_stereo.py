@@ -1,0 +1,103 @@
+"""The stereo network's parts against their definitions, and the whole network's contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lattn_app.models.stereo import StereoNet, build_cost_volume, disparity_regression
+
+# A small ViT with patch 4 gives the stride-4 features without waiting for a pyramid backbone.
+TINY_BACKBONE = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2, class_token=False, global_pool="avg",
+                     pos_embed="sincos")
+
+
+def tiny_net(**options) -> StereoNet:
+    settings = dict(max_disparity=32, backbone="vit", backbone_options=TINY_BACKBONE, img_size=(32, 64),
+                    feature_dim=16, groups=4, volume_channels=8, num_hourglasses=2, attention_heads=2)
+    settings.update(options)
+    return StereoNet(**settings)
+
+
+def test_group_wise_correlation_matches_its_definition():
+    left, right = torch.randn(2, 8, 5, 12), torch.randn(2, 8, 5, 12)
+    volume = build_cost_volume(left, right, 6, "gwc", groups=2)
+    assert volume.shape == (2, 2, 6, 5, 12)
+    for d in (0, 3, 5):
+        for x in range(12):
+            if x < d:
+                assert torch.all(volume[:, :, d, :, x] == 0)
+            else:
+                expected = (left[:, :4, :, x] * right[:, :4, :, x - d]).mean(dim=1)
+                torch.testing.assert_close(volume[:, 0, d, :, x], expected)
+
+
+def test_concatenation_volume_pairs_left_x_with_right_x_minus_d():
+    left, right = torch.randn(1, 3, 4, 10), torch.randn(1, 3, 4, 10)
+    volume = build_cost_volume(left, right, 4, "concat", groups=1)
+    assert volume.shape == (1, 6, 4, 4, 10)
+    torch.testing.assert_close(volume[:, :3, 2, :, 7], left[..., 7])
+    torch.testing.assert_close(volume[:, 3:, 2, :, 7], right[..., 5])
+    assert torch.all(volume[:, :, 2, :, :2] == 0)
+
+
+def test_soft_argmin_returns_the_disparity_of_a_peaked_distribution():
+    cost = torch.full((1, 8, 2, 3), -1e4)
+    cost[0, 5] = 1e4
+    assert torch.all(disparity_regression(cost) == 5)
+    flat = torch.zeros(1, 8, 1, 1)  # uniform over 0..7 -> 3.5
+    assert disparity_regression(flat).item() == pytest.approx(3.5)
+
+
+def test_training_gives_one_map_per_hourglass_and_eval_the_final_one_at_any_size():
+    net = tiny_net()
+    left, right = torch.rand(2, 3, 32, 64), torch.rand(2, 3, 32, 64)
+    outputs = net(left, right)
+    assert [tuple(o.shape) for o in outputs] == [(2, 32, 64)] * 2
+    net.eval()
+    with torch.no_grad():
+        (final,) = net(torch.rand(1, 3, 37, 75), torch.rand(1, 3, 37, 75))  # padded inside, cropped back
+    assert final.shape == (1, 37, 75)
+    assert final.min() >= 0 and final.max() <= 32
+
+
+def test_gradients_reach_backbone_attention_and_aggregation():
+    net = tiny_net()
+    outputs = net(torch.rand(1, 3, 32, 64), torch.rand(1, 3, 32, 64))
+    sum(o.mean() for o in outputs).backward()
+    for module in (net.backbone, net.attention.self_blocks[0], net.attention.cross_blocks[0], net.hourglasses[0]):
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_views_are_attended_across_in_cross_attention():
+    net = tiny_net().eval()
+    left, right = torch.rand(1, 3, 32, 64), torch.rand(1, 3, 32, 64)
+    with torch.no_grad():
+        base, _ = net.features(left, right)
+        changed, _ = net.features(left, torch.rand(1, 3, 32, 64))
+        without_cross = tiny_net(cross_attention=False).eval()
+        alone, _ = without_cross.features(left, right)
+        alone_changed, _ = without_cross.features(left, torch.rand(1, 3, 32, 64))
+    assert not torch.allclose(base, changed)  # left features depend on the right view
+    torch.testing.assert_close(alone, alone_changed)  # ... only through cross-attention
+
+
+@pytest.mark.parametrize("attention", ["softmax", "performer", "nystrom", "care", "coupling"])
+def test_other_mechanisms_build_and_run(attention):
+    net = tiny_net(attention=attention).eval()
+    with torch.no_grad():
+        (final,) = net(torch.rand(1, 3, 32, 64), torch.rand(1, 3, 32, 64))
+    assert torch.isfinite(final).all()
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tiny_net(max_disparity=40)
+    with pytest.raises(ValueError, match="'fnet' does not"):
+        tiny_net(attention="fnet")
+    with pytest.raises(ValueError, match="cost_volume"):
+        tiny_net(cost_volume="dot")
+    with pytest.raises(ValueError, match="same shape"):
+        tiny_net()(torch.rand(1, 3, 32, 64), torch.rand(1, 3, 32, 48))
