@@ -21,6 +21,8 @@ from . import __version__, data, tasks  # noqa: F401 (tasks and datamodules by s
 from .backbones import create_backbone
 from .registry import ATTENTIONS, BACKBONES, Entry
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SEED = 42
 # (datamodule attribute, model argument) pairs the CLI fills in from the datamodule.
 LINKED_DATA_ATTRIBUTES = (
@@ -50,6 +52,18 @@ class LattnCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
         kwargs.setdefault("parser_kwargs", {"prog": "lattn", "version": __version__, "description": DESCRIPTION})
         super().__init__(args=args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        # validate/test/predict from a checkpoint: the checkpoint holds every weight, so the backbone's
+        # `pretrained` source is not loaded first (it may need a download or a file that has moved).
+        if self.subcommand not in ("validate", "test", "predict"):
+            return
+        config = self.config[self.subcommand]
+        options = config.get("model.init_args.backbone_options")
+        if config.get("ckpt_path") and isinstance(options, dict) and options.get("pretrained"):
+            log.info("Weights come from %s; not loading backbone_options.pretrained=%s",
+                     config.ckpt_path, options["pretrained"])
+            config["model.init_args.backbone_options"] = {**options, "pretrained": None}
 
     def add_arguments_to_parser(self, parser) -> None:
         # What the data determines is linked, not repeated: the model gets it from the datamodule

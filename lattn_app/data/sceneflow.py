@@ -518,7 +518,14 @@ class SceneFlowDataModule(L.LightningDataModule):
                 width; None (default): off.
         """
         super().__init__()
+        if root is None and max_disparity > SYNTHETIC_MAX_DISPARITY:
+            log.info("SceneFlowDataModule: max_disparity %s -> %d for the embedded synthetic set (disparities in [2, 44])",
+                     max_disparity, SYNTHETIC_MAX_DISPARITY)
+            max_disparity = SYNTHETIC_MAX_DISPARITY
         self.save_hyperparameters()
+        # LightningCLI records the given config as hparams; the logged value must be the one the model gets
+        # (Lightning refuses to log model and data hparams that disagree).
+        self.hparams["max_disparity"] = self._hparams_initial["max_disparity"] = max_disparity
         self.root = root
         self.subsets = [
             check_choice("SceneFlowDataModule: subsets entry", str(s).lower(), tuple(SUBSET_FOLDERS)) for s in subsets
@@ -541,11 +548,6 @@ class SceneFlowDataModule(L.LightningDataModule):
             if value is not None and value < 1:
                 raise ValueError(f"SceneFlowDataModule: {name} must be a positive number of frames or None; got {value!r}")
         self.max_disparity = max_disparity
-        if root is None and max_disparity > SYNTHETIC_MAX_DISPARITY:
-            log.info("SceneFlowDataModule: max_disparity %s -> %d for the embedded synthetic set (disparities in [2, 44])",
-                     max_disparity, SYNTHETIC_MAX_DISPARITY)
-            self.max_disparity = SYNTHETIC_MAX_DISPARITY
-            self.hparams["max_disparity"] = SYNTHETIC_MAX_DISPARITY  # logged hparams agree with the model's
         self.val_fraction = val_fraction
         self.val_seed = val_seed
         self.batch_size = batch_size

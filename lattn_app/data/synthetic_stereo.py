@@ -19,8 +19,8 @@ the left PFM gives the disparity of the surface each left pixel sees, the right 
 surface each right pixel sees (``x_left = x_right + d``).
 
 Defaults: 128 x 256 images (H x W), disparities in [2, 44] (use ``max_disparity=48`` in the model),
-16 TRAIN sequences and 4 TEST sequences of 10 frames (0006..0015, as in FlyingThings3D), that is 160
-TRAIN and 40 TEST frames; sequence ``i`` of a split is ``{A,B,C}[i % 3]/{i // 3:04d}``.
+40 TRAIN sequences and 10 TEST sequences of 4 frames (0006..0009, numbered as in FlyingThings3D), that
+is 160 TRAIN and 40 TEST frames (many short sequences: more distinct scenes for the same file count); sequence ``i`` of a split is ``{A,B,C}[i % 3]/{i // 3:04d}``.
 
 The cache folder is ``$LATTN_CACHE_DIR`` if set, else ``~/.cache/lattn``; the set lives in a
 sub-folder whose name holds the generator version and parameters. It is written into a temporary
@@ -333,9 +333,9 @@ def generate_synthetic_sceneflow(
     *,
     height: int = 128,
     width: int = 256,
-    train_sequences: int = 16,
-    test_sequences: int = 4,
-    frames_per_sequence: int = 10,
+    train_sequences: int = 40,
+    test_sequences: int = 10,
+    frames_per_sequence: int = 4,
     min_disparity: float = 2.0,
     max_disparity: float = 44.0,
     subpixel: bool = True,
@@ -370,8 +370,8 @@ def generate_synthetic_sceneflow(
     return root
 
 
-def synthetic_set_name(*, height: int = 128, width: int = 256, train_sequences: int = 16, test_sequences: int = 4,
-                       frames_per_sequence: int = 10, min_disparity: float = 2.0, max_disparity: float = 44.0,
+def synthetic_set_name(*, height: int = 128, width: int = 256, train_sequences: int = 40, test_sequences: int = 10,
+                       frames_per_sequence: int = 4, min_disparity: float = 2.0, max_disparity: float = 44.0,
                        subpixel: bool = True, seed: int = 0) -> str:
     """The cache sub-folder name of a parameter set (it carries the generator version)."""
     return (f"sceneflow_synthetic_{SYNTHETIC_VERSION}_{height}x{width}_train{train_sequences}_test{test_sequences}"
@@ -394,9 +394,9 @@ def ensure_synthetic_sceneflow(
     *,
     height: int = 128,
     width: int = 256,
-    train_sequences: int = 16,
-    test_sequences: int = 4,
-    frames_per_sequence: int = 10,
+    train_sequences: int = 40,
+    test_sequences: int = 10,
+    frames_per_sequence: int = 4,
     min_disparity: float = 2.0,
     max_disparity: float = 44.0,
     subpixel: bool = True,

@@ -1,6 +1,7 @@
 """LightningModules of lattn; the CLI finds them by their short class names (``model: StereoTask``)."""
 
 from .base import LattnTask
+from .classification import ClassificationPredictionWriter, ClassificationTask
 from .stereo import StereoPredictionWriter, StereoTask
 
-__all__ = ["LattnTask", "StereoPredictionWriter", "StereoTask"]
+__all__ = ["ClassificationPredictionWriter", "ClassificationTask", "LattnTask", "StereoPredictionWriter", "StereoTask"]
