@@ -77,3 +77,28 @@ def test_a_misspelled_config_key_is_named(tmp_path, capsys):
         main(["fit", "--config", str(config)])
     assert exit_info.value.code != 0
     assert "max_epoch" in capsys.readouterr().err
+
+
+def test_evaluating_a_checkpoint_does_not_reload_the_pretrained_source(tmp_path, monkeypatch):
+    """`lattn test --ckpt_path` must work after the pretrained weights file is gone (or offline)."""
+    import torch
+
+    from lattn_app.backbones import create_backbone
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LATTN_CACHE_DIR", str(tmp_path / "cache"))
+    config = str(Path(__file__).resolve().parents[1] / "configs/classification_quickstart.yaml")
+    architecture = dict(attention="efficient", img_size=32, patch_size=4, stem="conv", embed_dim=128, depth=4,
+                        num_heads=4, mlp_ratio=2.0, class_token=False, global_pool="avg", num_classes=10)
+    weights = tmp_path / "pretrained.pth"
+    torch.save(create_backbone("vit", **architecture).state_dict(), weights)
+    pretrained = ["--model.backbone_options.pretrained", str(weights)]
+    short = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+             "--trainer.limit_test_batches", "1"]
+    main(["fit", "--config", config, *pretrained, *short])
+    weights.unlink()
+    with pytest.raises((FileNotFoundError, ValueError), match="pretrained weights file"):  # building the model from the config alone needs the file ...
+        main(["fit", "--config", config, *pretrained, *short])
+    # ... but evaluating a checkpoint takes every weight from the checkpoint.
+    main(["test", "--config", config, *pretrained, *short,
+          "--ckpt_path", str(tmp_path / "checkpoints/classification_quickstart/best.ckpt")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,17 @@ def test_max_disparity_comes_from_the_data(tiny_root, tmp_path, monkeypatch):
     assert cli.datamodule.max_disparity == cli.model.max_disparity == cli.model.net.max_disparity == 32
     embedded = LattnCLI(args=["--config", config, *SMALL_MODEL], run=False)  # root unset: the embedded set
     assert embedded.datamodule.max_disparity == embedded.model.max_disparity == 48
+
+
+@pytest.mark.slow
+def test_main_job_reaches_a_third_of_the_trivial_baseline(tmp_path, monkeypatch, capsys):
+    """The README's main job as a user runs it (about 7 minutes on a 2-core CPU)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LATTN_CACHE_DIR", str(tmp_path / "cache"))
+    main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs/sceneflow_efficient.yaml")])
+    out = capsys.readouterr().out
+    match = re.search(r"Validation EPE ([\d.]+) px; trivial baseline \(each image's mean disparity\) ([\d.]+) px", out)
+    assert match, out[-2000:]
+    epe, baseline = float(match.group(1)), float(match.group(2))
+    assert epe <= baseline / 3
+    assert (tmp_path / "checkpoints/sceneflow_efficient/best.ckpt").is_file()
