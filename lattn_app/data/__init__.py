@@ -6,6 +6,7 @@ default ``~/.cache/lattn``) and says so in the log.
 """
 
 from .classification import CIFARDataModule, ImageFolderDataModule
+from .coco import CocoDataModule
 from .sceneflow import SceneFlowDataModule
 
-__all__ = ["CIFARDataModule", "ImageFolderDataModule", "SceneFlowDataModule"]
+__all__ = ["CIFARDataModule", "CocoDataModule", "ImageFolderDataModule", "SceneFlowDataModule"]
