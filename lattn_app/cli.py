@@ -10,9 +10,11 @@ Tests and notebooks call ``main([...])`` with the same words as the command line
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from inspect import signature
+from pathlib import Path
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -64,6 +66,25 @@ class LattnCLI(LightningCLI):
             log.info("Weights come from %s; not loading backbone_options.pretrained=%s",
                      config.ckpt_path, options["pretrained"])
             config["model.init_args.backbone_options"] = {**options, "pretrained": None}
+
+    def after_validate(self) -> None:
+        self.write_metrics("validate")
+
+    def after_test(self) -> None:
+        self.write_metrics("test")
+
+    def write_metrics(self, subcommand: str) -> Path | None:
+        """Save the metrics of `validate`/`test` as JSON next to the run's logs, with the checkpoint used."""
+        if not self.trainer.is_global_zero:
+            return None
+        metrics = {name: float(value) for name, value in sorted(self.trainer.callback_metrics.items())}
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{subcommand}_metrics.json"
+        record = {"subcommand": subcommand, "ckpt_path": self.trainer.ckpt_path, "metrics": metrics}
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{subcommand} metrics written to {path}", flush=True)
+        return path
 
     def add_arguments_to_parser(self, parser) -> None:
         # What the data determines is linked, not repeated: the model gets it from the datamodule

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -65,6 +66,10 @@ def test_fit_test_predict_as_a_user_runs_them(tiny_root, tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     for key in ("test_epe", "test_bad1", "test_bad2", "test_bad3", "test_d1", "test_baseline_epe"):
         assert key in out
+    # ... and saves them as JSON next to the logs, naming the checkpoint.
+    (written,) = (tmp_path / "lightning_logs/sceneflow_efficient").glob("version_*/test_metrics.json")
+    record = json.loads(written.read_text())
+    assert record["ckpt_path"] == str(best) and 0 <= record["metrics"]["test_bad3"] <= record["metrics"]["test_bad1"] <= 1
 
     # A pair of arbitrary size (not a multiple of anything) -> PFM, 16-bit PNG and colour PNG of that size.
     rng = np.random.default_rng(0)
