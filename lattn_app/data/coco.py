@@ -56,6 +56,7 @@ from .io import read_image
 from .synthetic_coco import ensure_synthetic_coco
 
 log = logging.getLogger(__name__)
+_warn_rank_zero = rank_zero_only(log.warning)  # logged once in distributed runs (global rank 0)
 
 __all__ = [
     "CocoDataModule",
@@ -466,9 +467,3 @@ class CocoDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_dataset, "predict", self.eval_batch_size)
-
-
-def _warn_rank_zero(message: str, *args: Any) -> None:
-    """A warning logged once in distributed runs (by the process of global rank 0)."""
-    if getattr(rank_zero_only, "rank", 0) == 0:
-        log.warning(message, *args)

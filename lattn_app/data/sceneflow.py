@@ -56,6 +56,7 @@ from .io import read_image, read_pfm
 from .synthetic_stereo import ensure_synthetic_sceneflow
 
 log = logging.getLogger(__name__)
+_warn_rank_zero = rank_zero_only(log.warning)  # logged once in distributed runs (global rank 0)
 
 __all__ = [
     "PUBLISHED_FRAME_COUNTS",
@@ -806,9 +807,3 @@ class SceneFlowDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_dataset, "predict", self.eval_batch_size)
-
-
-def _warn_rank_zero(message: str, *args: Any) -> None:
-    """A warning logged once in distributed runs (by the process of global rank 0)."""
-    if getattr(rank_zero_only, "rank", 0) == 0:
-        log.warning(message, *args)

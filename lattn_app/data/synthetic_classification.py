@@ -24,14 +24,12 @@ leaves a partial set behind (its ``.tmp-`` directory is removed by a later call 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .cache import build_once, default_cache_dir  # noqa: F401 (default_cache_dir: part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +49,6 @@ SYNTHETIC_CLASSES = (
     "triangle",
 )
 SPLITS = ("train", "val", "test")
-_STALE_TMP_SECONDS = 3600
-
-
-def default_cache_dir() -> Path:
-    """``$LATTN_CACHE_DIR`` if set, else ``~/.cache/lattn``."""
-    env = os.environ.get("LATTN_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lattn"
 
 
 def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -181,15 +172,6 @@ def _readme(image_size: int, counts: dict[str, int], seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _remove_stale_temporaries(cache_dir: Path, name: str) -> None:
-    for stale in cache_dir.glob(f".{name}.tmp-*"):
-        try:
-            if time.time() - stale.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(stale, ignore_errors=True)
-        except OSError:
-            pass  # another process removed it
-
-
 def ensure_synthetic_classification(
     cache_dir: str | Path | None = None,
     image_size: int = 64,
@@ -216,21 +198,12 @@ def ensure_synthetic_classification(
     for split, count in counts.items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"{split}_per_class must be a positive integer; got {count!r}")
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name = (
         f"synthetic_classification_v{VERSION}_{image_size}px_"
         f"{train_per_class}-{val_per_class}-{test_per_class}_seed{seed}"
     )
-    root = cache_dir / name
-    if root.is_dir():
-        return root
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(cache_dir, name)
-    start = time.perf_counter()
-    log.info("Generating the synthetic classification set in %s (once; it is reused afterwards)", root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))
-    try:
+    def write(tmp: Path) -> None:
         for split_index, split in enumerate(SPLITS):
             for class_index, class_name in enumerate(SYNTHETIC_CLASSES):
                 folder = tmp / split / class_name
@@ -242,13 +215,5 @@ def ensure_synthetic_classification(
                     if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
                         raise OSError(f"could not write {path}")
         (tmp / "README.txt").write_text(_readme(image_size, counts, seed))
-        try:
-            tmp.rename(root)
-        except OSError:
-            if not root.is_dir():  # not a concurrent generation that finished first
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("Synthetic classification set written in %.1f s: %s", time.perf_counter() - start, root)
-    return root
+
+    return build_once(cache_dir, name, write, "synthetic classification set")

@@ -30,15 +30,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .synthetic_classification import _remove_stale_temporaries, default_cache_dir
+from .cache import build_once
 
 log = logging.getLogger(__name__)
 
@@ -186,19 +183,10 @@ def ensure_synthetic_coco(
     for split, count in counts.items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"{split}_images must be a positive integer; got {count!r}")
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name = (f"synthetic_coco_v{VERSION}_{image_size[0]}x{image_size[1]}_"
             f"{train_images}-{val_images}-{test_images}_seed{seed}")
-    root = cache_dir / name
-    if root.is_dir():
-        return root
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(cache_dir, name)
-    start = time.perf_counter()
-    log.info("Generating the synthetic COCO set in %s (once; it is reused afterwards)", root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))
-    try:
+    def write(tmp: Path) -> None:
         (tmp / "annotations").mkdir()
         for split_index, split in enumerate(SPLITS):
             folder = tmp / f"{split}2017"
@@ -223,13 +211,5 @@ def ensure_synthetic_coco(
             }
             (tmp / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(document))
         (tmp / "README.txt").write_text(_readme(image_size, counts, seed))
-        try:
-            tmp.rename(root)
-        except OSError:
-            if not root.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("Synthetic COCO set written in %.1f s: %s", time.perf_counter() - start, root)
-    return root
+
+    return build_once(cache_dir, name, write, "synthetic COCO set")

@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .cache import README_NAME, build_once, default_cache_dir
 from .io import write_pfm
 
 log = logging.getLogger(__name__)
@@ -62,9 +59,7 @@ SYNTHETIC_VERSION = "v1"
 FIRST_FRAME = 6  # FlyingThings3D numbers the 10 frames of a sequence 0006..0015
 SEQUENCE_LETTERS = ("A", "B", "C")
 SPLITS = ("TRAIN", "TEST")
-README_NAME = "README.txt"  # written last: its presence marks a complete set
 SHAPES = ("rectangle", "ellipse", "polygon")
-_STALE_TEMPORARY_S = 3600.0
 
 
 @dataclass
@@ -116,12 +111,6 @@ class _Surface:
         for (x0, y0), (x1, y1) in zip(vertices, np.roll(vertices, -1, axis=0)):
             inside &= (x1 - x0) * (q - y0) - (y1 - y0) * (p - x0) >= 0
         return inside
-
-
-def default_cache_dir() -> Path:
-    """``$LATTN_CACHE_DIR`` if set, else ``~/.cache/lattn``."""
-    configured = os.environ.get("LATTN_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lattn"
 
 
 def _check_parameters(height: int, width: int, train_sequences: int, test_sequences: int,
@@ -378,17 +367,6 @@ def synthetic_set_name(*, height: int = 128, width: int = 256, train_sequences: 
             f"_f{frames_per_sequence}_d{min_disparity:g}-{max_disparity:g}_{'sub' if subpixel else 'int'}_seed{seed}")
 
 
-def _remove_stale_temporaries(cache_dir: Path, name: str) -> None:
-    """Remove temporary folders left by generations that were killed (older than an hour)."""
-    now = time.time()
-    for candidate in cache_dir.glob(f".{name}.tmp-*"):
-        try:
-            if now - candidate.stat().st_mtime > _STALE_TEMPORARY_S:
-                shutil.rmtree(candidate, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def ensure_synthetic_sceneflow(
     cache_dir: str | Path | None = None,
     *,
@@ -424,33 +402,5 @@ def ensure_synthetic_sceneflow(
                       frames_per_sequence=frames_per_sequence, min_disparity=min_disparity,
                       max_disparity=max_disparity, subpixel=subpixel, seed=seed)
     _check_parameters(height, width, train_sequences, test_sequences, frames_per_sequence, min_disparity, max_disparity)
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    name = synthetic_set_name(**parameters)
-    root = cache_dir / name
-    if (root / README_NAME).is_file():
-        return root
-    if root.exists() and any(root.iterdir()):
-        raise RuntimeError(
-            f"{root} exists but is not a complete synthetic set (it has no {README_NAME}); "
-            "delete that folder and it will be generated again"
-        )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(cache_dir, name)
-    log.info("Generating the synthetic Scene Flow set into %s (done once; later runs reuse it)", root)
-    started = time.perf_counter()
-    temporary = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))
-    try:
-        generate_synthetic_sceneflow(temporary, **parameters)
-        os.chmod(temporary, 0o755)  # mkdtemp makes it private to the user
-        try:
-            os.replace(temporary, root)
-        except OSError:
-            if not (root / README_NAME).is_file():  # not a concurrent caller that finished first
-                raise
-            log.info("Another process generated %s at the same time; using its copy", root)
-        else:
-            log.info("Synthetic Scene Flow set generated in %.1f s", time.perf_counter() - started)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
-    return root
+    return build_once(cache_dir, synthetic_set_name(**parameters),
+                      lambda folder: generate_synthetic_sceneflow(folder, **parameters), "synthetic Scene Flow set")
