@@ -32,6 +32,7 @@ LINKED_DATA_ATTRIBUTES = (
     ("num_classes", "num_classes"),
     ("class_names", "class_names"),
 )
+    ("category_ids", "category_ids"),
 
 DESCRIPTION = (
     "lattn trains and evaluates vision models built on memory-efficient attention.\n"

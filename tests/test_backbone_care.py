@@ -192,3 +192,13 @@ def test_bad_configurations_name_the_values():
         care.AttentionMixer(24, 16)
     with pytest.raises(ValueError, match="num_classes"):
         create_backbone("care_s0", num_classes=-1)
+
+
+def test_pretrained_weights_load_into_a_fresh_model(tmp_path):
+    source = create_backbone("care_s0", num_classes=0)
+    torch.save(source.state_dict(), tmp_path / "care.pth")
+    loaded = create_backbone("care_s0", num_classes=0, pretrained=str(tmp_path / "care.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
+    torch.save({"unrelated.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="no tensor of .*other.pth matches"):
+        create_backbone("care_s0", num_classes=0, pretrained=str(tmp_path / "other.pth"))

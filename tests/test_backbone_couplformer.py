@@ -174,3 +174,14 @@ def test_bad_values_are_named():
         couplformer(global_pool="max", depth=1)
     with pytest.raises(ValueError, match="num_heads"):
         couplformer_hierarchical(depths=(1, 1), num_heads=(2, 2, 2))
+
+
+@pytest.mark.parametrize("name, options", [
+    ("couplformer", {"depth": 1, "embed_dim": 32, "num_heads": 8}),
+    ("couplformer_hierarchical", {"embed_dim": 16, "depths": (1, 1), "num_heads": (4, 8)}),
+])
+def test_pretrained_weights_load_into_a_fresh_model(tmp_path, name, options):
+    source = create_backbone(name, num_classes=0, **options)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    loaded = create_backbone(name, num_classes=0, pretrained=str(tmp_path / "weights.pth"), **options)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))

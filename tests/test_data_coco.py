@@ -119,13 +119,15 @@ def test_crowd_empty_and_degenerate(tmp_path, caplog):
     assert "1 degenerate" in caplog.text and "1 without annotations" in caplog.text
     evaluation = load_coco_json(path, tmp_path / "val2017", [2, 5], train=False)
     assert [im.image_id for im in evaluation] == [10, 11]
-    dataset = CocoDataset(evaluation, [2, 5], build_transform(W, train=False))
+    dataset = CocoDataset(evaluation, [2, 5], build_transform(W // 2, train=False))
     image, target = dataset[0]
-    assert image.shape == (3, H, W) and 0 <= image.min() and image.max() <= 1
-    assert target["labels"].tolist() == [2, 1]  # id 5 -> label 2, id 2 -> label 1
-    assert target["iscrowd"].tolist() == [0, 1]
+    assert image.shape == (3, H // 2, W // 2) and 0 <= image.min() and image.max() <= 1
+    # Evaluation keeps crowd and degenerate annotations, in original pixels, as COCOeval sees them.
+    assert target["labels"].tolist() == [2, 1, 1]  # id 5 -> label 2, id 2 -> label 1
+    assert target["iscrowd"].tolist() == [0, 1, 0]
     assert torch.allclose(target["boxes"][0], torch.tensor([10.0, 8, 22, 20]))
-    assert target["masks"].shape == (2, H, W) and target["masks"][1].sum() == 100
+    assert target["masks"].shape == (3, H, W) and target["masks"][1].sum() == 100
+    assert target["area"].tolist() == [144, 100, 5] and target["orig_size"] == (H, W) and target["size"] == (H // 2, W // 2)
     _, empty = dataset[1]
     assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, H, W) and empty["labels"].dtype == torch.int64
 
@@ -156,7 +158,8 @@ def test_missing_image_file(tmp_path):
 def test_flip_keeps_boxes_and_masks_together(tmp_path):
     path = _write_set(tmp_path, [SQUARE])
     images = load_coco_json(path, tmp_path / "val2017", [2, 5], train=True)
-    dataset = CocoDataset(images, [2, 5], build_transform(W, train=True, flip_prob=1.0, scale_range=(1.0, 1.0)))
+    dataset = CocoDataset(images, [2, 5], build_transform(W, train=True, flip_prob=1.0, scale_range=(1.0, 1.0)),
+                          train=True)
     _, target = dataset[0]
     ys, xs = np.nonzero(target["masks"][0].numpy())
     x1, y1, x2, y2 = target["boxes"][0].tolist()

@@ -117,3 +117,19 @@ class Backbone(nn.Module):
 
     def complexity(self, image_size: int | tuple[int, int] = 224) -> Complexity:
         return count_complexity(self, image_size)
+
+    def load_pretrained(self, source: str) -> None:
+        """Load weights from `source` (a file, a lattn ``.ckpt`` or a timm name; see
+        ``timm_weights.load_pretrained``), keeping what was loaded in ``self.load_report``.
+
+        Raises:
+            ValueError: not one tensor of `source` matches this backbone's parameter names.
+        """
+        from .timm_weights import load_pretrained
+
+        self.load_report = load_pretrained(self, source)
+        if not self.load_report.loaded:
+            raise ValueError(
+                f"{type(self).__name__}: no tensor of {source} matches this backbone's parameter names (e.g. "
+                f"{next(iter(self.state_dict()))!r}); it holds weights of another architecture"
+            )

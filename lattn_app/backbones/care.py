@@ -264,6 +264,7 @@ class CareTransformer(Backbone):
         drop_path_rate: float = 0.0,
         distillation: bool = True,
         in_chans: int = 3,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 0:
@@ -300,6 +301,8 @@ class CareTransformer(Backbone):
         # Distillation needs classes to distil; without a classifier there is one (embedding) head.
         self.dist_head = CareHead(self.num_features, num_classes) if distillation and num_classes > 0 else None
         self.apply(self._init_weights)
+        if pretrained:  # e.g. ImageNet weights before fine-tuning for detection
+            self.load_pretrained(pretrained)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

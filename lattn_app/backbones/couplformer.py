@@ -392,6 +392,7 @@ def couplformer(
     global_pool: str = "attention",
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.1,
+    pretrained: str | None = None,
 ) -> Couplformer:
     """Flat Couplformer of size `preset` ("small", "medium", "large"; see ``FLAT_PRESETS``).
 
@@ -399,10 +400,11 @@ def couplformer(
     `attention` is any registered token mixer ("softmax" gives the regular-Transformer twin);
     `attention_options` go to it (e.g. ``{"variant": "pooling", "attn_drop": 0.1}`` for coupling).
     `global_pool` is "attention" (CCT's sequence pooling, the reference) or "avg".
+    `pretrained`: weights to load (a file or a lattn ``.ckpt``; see ``Backbone.load_pretrained``).
     """
     check_choice("couplformer preset", preset, list(FLAT_PRESETS))
     size = FLAT_PRESETS[preset]
-    return Couplformer(
+    model = Couplformer(
         depth=size.depth if depth is None else depth,
         embed_dim=size.embed_dim if embed_dim is None else embed_dim,
         num_heads=size.num_heads if num_heads is None else num_heads,
@@ -416,6 +418,9 @@ def couplformer(
         drop_rate=drop_rate,
         drop_path_rate=drop_path_rate,
     )
+    if pretrained:
+        model.load_pretrained(pretrained)
+    return model
 
 
 @BACKBONES.register(
@@ -438,14 +443,16 @@ def couplformer_hierarchical(
     global_pool: str = "attention",
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.1,
+    pretrained: str | None = None,
 ) -> CouplformerHierarchical:
     """Hierarchical Couplformer; the defaults are Swin-T's widths and depths (96, (2, 2, 6, 2)).
 
     Widths double every stage. `num_heads` defaults to head size 2 in every stage, the reference's
     many tiny heads. `attention`, `attention_options` and `global_pool` as in :func:`couplformer`.
-    `img_size` only matters to mechanisms built for one grid (linformer, mixer).
+    `img_size` only matters to mechanisms built for one grid (linformer, mixer). `pretrained` as in
+    :func:`couplformer`.
     """
-    return CouplformerHierarchical(
+    model = CouplformerHierarchical(
         embed_dim=embed_dim,
         depths=tuple(depths),
         num_heads=tuple(num_heads),
@@ -459,3 +466,6 @@ def couplformer_hierarchical(
         drop_rate=drop_rate,
         drop_path_rate=drop_path_rate,
     )
+    if pretrained:
+        model.load_pretrained(pretrained)
+    return model

@@ -249,15 +249,7 @@ class PyramidTransformer(Backbone):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
         if pretrained:
-            from .timm_weights import load_pretrained
-
-            self.load_report = load_pretrained(self, pretrained)
-            if not self.load_report.loaded:
-                raise ValueError(
-                    f"pyramid: no tensor of {pretrained} matches this backbone's parameter names (e.g. "
-                    f"{next(iter(self.state_dict()))!r}); it holds weights of another architecture "
-                    f"(PVTv2 weights do not fit: see the module docs)"
-                )
+            self.load_pretrained(pretrained)  # (PVTv2 weights do not fit: see the module docs)
 
     def init_weights(self) -> None:
         """Truncated-normal linears (timm's ViT/PVTv2), fan-out normal for our own convolutions."""

@@ -17,19 +17,26 @@ JSON); ``class_names[label - 1]`` the name. The same mapping is used for every s
 declare the same category ids).
 
 A sample is ``(image, target)``: ``image`` float32 (3, H, W) in [0, 1] (not normalised: the model
-normalises), resized so that its longer side is ``image_size``; ``target`` a dict with
+normalises), resized so that its longer side is ``image_size`` (resizing happens here and only here);
+``target`` a dict with
 
-- ``boxes`` float32 (N, 4), ``x1, y1, x2, y2`` in pixels of the resized image;
+- ``boxes`` float32 (N, 4), ``x1, y1, x2, y2`` in pixels;
 - ``labels`` int64 (N,), contiguous labels >= 1;
-- ``masks`` uint8 (N, H, W), instance masks of the resized image;
-- ``iscrowd`` int64 (N,), ``area`` float32 (N,) (the annotation's area, scaled to the resized image);
+- ``masks`` uint8 (N, h, w), instance masks;
+- ``iscrowd`` int64 (N,), ``area`` float32 (N,) (the annotation's ``area``);
 - ``image_id`` int (the COCO image id), ``orig_size`` (H0, W0) of the file, ``size`` (H, W) after resizing,
-  ``file_name`` str.
+  ``file_name`` str and ``path`` str of the image file.
+
+Training targets are in the pixels of the resized (and augmented) image, which is what the detector
+learns from. Validation/test targets stay in the pixels of the ORIGINAL image, exactly as in the JSON:
+that is what COCOeval compares against, and the detection task maps its predictions back to the
+original size before scoring them.
 
 COCO conventions: crowd annotations (``iscrowd=1``, usually RLE) are dropped from training targets but
 kept (with ``iscrowd`` 1) in validation/test targets, where the metrics treat them as "ignore" regions.
 Images with no usable annotation are skipped for training and kept for validation and test. Annotations
-with a degenerate box (width or height <= 1 pixel) are skipped in every split. Both counts are logged.
+with a degenerate box (width or height <= 1 pixel) are skipped for training and kept for evaluation
+(COCOeval counts them). Both counts are logged.
 ``val_coco_gt_path`` / ``test_coco_gt_path`` name the original JSON files, for pycocotools' COCOeval.
 Use :func:`coco_collate` (the loaders do): a batch is ``(list of images, list of targets)``.
 """
@@ -53,7 +60,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 
 from .io import read_image
-from .synthetic_coco import ensure_synthetic_coco
+from .synthetic_coco import SYNTHETIC_COCO_IMAGE_SIZE, ensure_synthetic_coco
 
 log = logging.getLogger(__name__)
 _warn_rank_zero = rank_zero_only(log.warning)  # logged once in distributed runs (global rank 0)
@@ -70,6 +77,7 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 REQUIRED_KEYS = ("images", "annotations", "categories")
+SYNTHETIC_IMAGE_SIDE = max(SYNTHETIC_COCO_IMAGE_SIZE)
 
 
 # ----------------------------------------------------------------------------------------- parsing
@@ -134,7 +142,8 @@ def load_coco_json(
 
     Args:
         category_ids: the ids of the label mapping; the file must declare exactly these.
-        train: drop crowd annotations and images left with no annotation (COCO training practice).
+        train: drop crowd annotations, degenerate boxes and images left with no annotation (COCO
+            training practice); evaluation keeps all of them, as COCOeval does.
 
     Raises:
         ValueError: invalid JSON, a missing key, an annotation with an unknown image or category id,
@@ -179,7 +188,7 @@ def load_coco_json(
         bbox = ann["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4:
             raise ValueError(f"{json_path}: annotations[{i}] (id {ann.get('id')}) 'bbox' must be [x, y, w, h]; got {bbox!r}")
-        if bbox[2] <= 1 or bbox[3] <= 1:
+        if (bbox[2] <= 1 or bbox[3] <= 1) and train:
             degenerate += 1
             continue
         if ann.get("iscrowd", 0) and train:
@@ -191,11 +200,12 @@ def load_coco_json(
     if train:
         result = [im for im in result if im.annotations]
     log.info(
-        "%s: %d images (%d without annotations, %s), %d annotations; skipped %d degenerate boxes (w or h <= 1)%s",
+        "%s: %d images (%d without annotations, %s), %d annotations%s",
         json_path.name, len(result) + (empty if train else 0), empty,
         "skipped for training" if train else "kept for evaluation",
-        sum(len(im.annotations) for im in result), degenerate,
-        f", {crowd} crowd annotations (not trained on)" if train else "",
+        sum(len(im.annotations) for im in result),
+        f"; skipped {degenerate} degenerate boxes (w or h <= 1) and {crowd} crowd annotations (not trained on)"
+        if train else "",
     )
     return result
 
@@ -232,8 +242,8 @@ def build_transform(image_size: int, train: bool, flip_prob: float = 0.5,
         low, high = scale_range
         sizes = sorted({max(16, int(round(image_size * s))) for s in np.linspace(low, high, 9)})
         ops = [A.HorizontalFlip(p=flip_prob), A.LongestMaxSize(max_size=sizes if len(sizes) > 1 else sizes[0])]
-    else:
-        ops = [A.LongestMaxSize(max_size=image_size)]
+    else:  # evaluation targets stay in original pixels: only the image is resized
+        return A.Compose([A.LongestMaxSize(max_size=image_size)])
     return A.Compose(ops, bbox_params=A.BboxParams(format="pascal_voc", label_fields=["indices"], clip=True,
                                                    min_width=1.0, min_height=1.0))
 
@@ -264,32 +274,34 @@ class CocoDataset(Dataset):
         anns = item.annotations
         boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                           for a in anns], np.float32).reshape(-1, 4)
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w0)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h0)
         masks = [decode_segmentation(a["segmentation"], h0, w0) if "segmentation" in a
                  else _box_mask(a["bbox"], h0, w0) for a in anns]
-        indices = list(range(len(anns)))
-        if self.transform is not None:
+        if self.train:  # boxes and masks follow the augmentation and the resizing
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0, w0)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0, h0)
             extra = {"masks": masks} if masks else {}
-            out = self.transform(image=image, bboxes=boxes, indices=indices, **extra)
+            out = self.transform(image=image, bboxes=boxes, indices=list(range(len(anns))), **extra)
             image, indices = out["image"], [int(i) for i in out["indices"]]
             boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
             masks = [out["masks"][i] for i in indices] if masks else []
-        h, w = image.shape[:2]
-        scale = (h * w) / (h0 * w0)
-        kept = [anns[i] for i in indices]
+            anns = [anns[i] for i in indices]
+            mask_size = image.shape[:2]
+        else:  # the image is resized; the ground truth stays in original pixels (see the module docstring)
+            image = self.transform(image=image)["image"] if self.transform is not None else image
+            mask_size = (h0, w0)
         target = {
             "boxes": torch.from_numpy(boxes),
-            "labels": torch.tensor([self.category_to_label[a["category_id"]] for a in kept], dtype=torch.int64),
+            "labels": torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
             "masks": torch.from_numpy(np.stack([np.asarray(m, np.uint8) for m in masks])) if masks
-            else torch.zeros((0, h, w), dtype=torch.uint8),
-            "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in kept], dtype=torch.int64),
-            "area": torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) * scale for a in kept],
+            else torch.zeros((0, *mask_size), dtype=torch.uint8),
+            "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
+            "area": torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
                                  dtype=torch.float32),
             "image_id": item.image_id,
             "orig_size": (h0, w0),
-            "size": (h, w),
+            "size": tuple(image.shape[:2]),
             "file_name": item.path.name,
+            "path": str(item.path),
         }
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
         return tensor, target
@@ -324,7 +336,7 @@ class PredictImageDataset(Dataset):
         image = self.transform(image=image)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
         return tensor, {"image_id": index, "orig_size": (h0, w0), "size": tuple(image.shape[:2]),
-                        "file_name": self.paths[index].name}
+                        "file_name": self.paths[index].name, "path": str(self.paths[index])}
 
 
 def coco_collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
@@ -354,6 +366,7 @@ class CocoDataModule(L.LightningDataModule):
         flip_prob: float = 0.5,
         scale_range: tuple[float, float] = (0.75, 1.25),
         predict_dir: str | None = None,
+        predict_split: str | None = None,
     ) -> None:
         """
         Args:
@@ -363,12 +376,15 @@ class CocoDataModule(L.LightningDataModule):
                 val_json None: no validation; test_json None: no test set (with ``root=None``:
                 ``annotations/instances_test2017.json``).
             train_images, val_images, test_images: image folders, relative to `root` (or absolute).
-            image_size: images are resized so that their longer side is this many pixels.
+            image_size: images are resized so that their longer side is this many pixels (with ``root=None``
+                at most 160, the embedded images' size).
             batch_size: training batch size. eval_batch_size: validation/test/predict (default: batch_size).
             num_workers: data-loader worker processes.
             flip_prob: training horizontal-flip probability.
             scale_range: training resize range, as factors of image_size (crop-free multi-scale training).
-            predict_dir: a folder of images for ``lattn predict``.
+            predict_dir: a folder of images for ``lattn predict`` (image ids are their sorted positions).
+            predict_split: ``"val"`` or ``"test"``: predict over that split's images instead, with their
+                COCO image ids, so that the results JSON can be scored by COCOeval against that split's JSON.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -377,6 +393,10 @@ class CocoDataModule(L.LightningDataModule):
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or batch_size)):
             if value < 1:
                 raise ValueError(f"CocoDataModule: {name} must be >= 1; got {value!r}")
+        if predict_split not in (None, "val", "test"):
+            raise ValueError(f"CocoDataModule: predict_split must be 'val', 'test' or null; got {predict_split!r}")
+        if predict_split is not None and predict_dir is not None:
+            raise ValueError("CocoDataModule: give predict_dir (a folder of images) or predict_split, not both")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"CocoDataModule: flip_prob must be in [0, 1]; got {flip_prob!r}")
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
@@ -392,6 +412,12 @@ class CocoDataModule(L.LightningDataModule):
             )
             if test_json is None:
                 test_json = "annotations/instances_test2017.json"
+            if image_size > SYNTHETIC_IMAGE_SIDE:
+                # COCO configs ask for 1333-pixel images; upscaling 160-pixel shapes 8x only costs time.
+                _warn_rank_zero("image_size %d lowered to %d, the longer side of the embedded images",
+                                image_size, SYNTHETIC_IMAGE_SIDE)
+                image_size = SYNTHETIC_IMAGE_SIDE
+                self.hparams["image_size"] = self._hparams_initial["image_size"] = image_size
         else:
             data_root = Path(root).expanduser()
             if not data_root.is_dir():
@@ -416,12 +442,13 @@ class CocoDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.predict_dir = predict_dir
+        self.predict_split = predict_split
         self.train_transform = build_transform(image_size, True, flip_prob, tuple(scale_range))
         self.eval_transform = build_transform(image_size, False)
         self.train_dataset: CocoDataset | None = None
         self.val_dataset: CocoDataset | None = None
         self.test_dataset: CocoDataset | None = None
-        self.predict_dataset: PredictImageDataset | None = None
+        self.predict_dataset: Dataset | None = None
 
     def _dataset(self, split: str, json_path: Path, train: bool) -> CocoDataset:
         images = load_coco_json(json_path, self.image_dirs[split], self.category_ids, train=train)
@@ -441,11 +468,17 @@ class CocoDataModule(L.LightningDataModule):
             else:
                 self.test_dataset = self._dataset("test", self.test_coco_gt_path, train=False)
         if stage in (None, "predict") and self.predict_dataset is None:
-            if self.predict_dir is None:
-                if stage == "predict":
-                    raise ValueError("CocoDataModule: nothing to predict; pass --data.predict_dir FOLDER of images")
-            else:
+            if self.predict_split is not None:
+                gt_path = self.val_coco_gt_path if self.predict_split == "val" else self.test_coco_gt_path
+                if gt_path is None:
+                    raise ValueError(f"CocoDataModule: predict_split={self.predict_split!r} but that split has no "
+                                     f"JSON; pass --data.{self.predict_split}_json")
+                self.predict_dataset = self._dataset(self.predict_split, gt_path, train=False)
+            elif self.predict_dir is not None:
                 self.predict_dataset = PredictImageDataset(self.predict_dir, self.image_size)
+            elif stage == "predict":
+                raise ValueError("CocoDataModule: nothing to predict; pass --data.predict_dir FOLDER of images or "
+                                 "--data.predict_split val|test")
 
     def _loader(self, dataset: Dataset | None, stage: str, batch_size: int, shuffle: bool = False) -> DataLoader:
         if dataset is None:

@@ -39,6 +39,8 @@ from .cache import build_once
 
 log = logging.getLogger(__name__)
 
+SYNTHETIC_COCO_IMAGE_SIZE = (128, 160)  #: (height, width) of the embedded set's images
+
 VERSION = 1
 """Bumped whenever the drawing or the annotation format changes, so that an old cached set is not reused."""
 
@@ -158,7 +160,7 @@ def _readme(image_size: tuple[int, int], counts: dict[str, int], seed: int) -> s
 def ensure_synthetic_coco(
     cache_dir: str | Path | None = None,
     *,
-    image_size: tuple[int, int] = (128, 160),
+    image_size: tuple[int, int] = SYNTHETIC_COCO_IMAGE_SIZE,
     train_images: int = 200,
     val_images: int = 40,
     test_images: int = 40,

@@ -2,6 +2,15 @@
 
 from .base import LattnTask
 from .classification import ClassificationPredictionWriter, ClassificationTask
+from .detection import DetectionPredictionWriter, DetectionTask
 from .stereo import StereoPredictionWriter, StereoTask
 
-__all__ = ["ClassificationPredictionWriter", "ClassificationTask", "LattnTask", "StereoPredictionWriter", "StereoTask"]
+__all__ = [
+    "ClassificationPredictionWriter",
+    "ClassificationTask",
+    "DetectionPredictionWriter",
+    "DetectionTask",
+    "LattnTask",
+    "StereoPredictionWriter",
+    "StereoTask",
+]

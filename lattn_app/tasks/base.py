@@ -90,8 +90,12 @@ class LattnTask(LightningModule):
                 f"batch {batch_idx}); training stopped and the last saved checkpoint is kept. Lower model.lr, "
                 f"use bf16-mixed instead of 16-mixed, or set model.on_nonfinite_loss: skip"
             )
-        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch))
         return loss
+
+    def batch_size_of(self, batch: Any) -> int | None:
+        """Samples in `batch`, for epoch averages of logged values; None: Lightning finds it (first tensor's length)."""
+        return None
 
     def setup(self, stage: str) -> None:
         if self.freeze_backbone:
