@@ -3,6 +3,7 @@
     lattn fit --config configs/<task>.yaml          # train (any Trainer/model/data key can be overridden)
     lattn test --config configs/<task>.yaml --ckpt_path <checkpoint>
     lattn list                                       # registered attention mechanisms and backbones
+    lattn bench attention --quick                    # speed and memory benchmarks (also: backbone, claims)
 
 Tests and notebooks call ``main([...])`` with the same words as the command line.
 """
@@ -10,6 +11,7 @@ Tests and notebooks call ``main([...])`` with the same words as the command line
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -17,11 +19,14 @@ from inspect import signature
 from pathlib import Path
 from collections.abc import Sequence
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
-from . import __version__, data, tasks  # noqa: F401 (tasks and datamodules by short class name)
+from . import __version__, callbacks, data, tasks  # noqa: F401 (tasks, datamodules, callbacks by short class name)
 from .backbones import create_backbone
 from .registry import ATTENTIONS, BACKBONES, Entry
+from .tasks import LattnTask
+from .tasks.record import checkpoint_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +36,14 @@ LINKED_DATA_ATTRIBUTES = (
     ("max_disparity", "max_disparity"),
     ("num_classes", "num_classes"),
     ("class_names", "class_names"),
-)
     ("category_ids", "category_ids"),
+)
 
 DESCRIPTION = (
     "lattn trains and evaluates vision models built on memory-efficient attention.\n"
     "Lightning subcommands: fit, validate, test, predict (each takes --config FILE.yaml).\n"
-    "lattn's own subcommand: `lattn list` prints every registered attention mechanism and backbone."
+    "lattn's own subcommands: `lattn list` prints every registered attention mechanism and backbone;\n"
+    "`lattn bench attention|backbone|claims` measures speed and memory (see BENCHMARKS.md)."
 )
 
 
@@ -46,6 +52,8 @@ class LattnCLI(LightningCLI):
 
     The run's full config is saved next to its logs (overwriting an earlier one of the same run
     directory), and the seed defaults to a fixed value so two identical commands train identically.
+    With ``--ckpt_path`` the config builds the model and the checkpoint must fit it (see
+    :meth:`_parse_ckpt_path`); checkpoints record the config they were trained with.
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
@@ -55,6 +63,31 @@ class LattnCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
         kwargs.setdefault("parser_kwargs", {"prog": "lattn", "version": __version__, "description": DESCRIPTION})
         super().__init__(args=args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check that a ``--ckpt_path`` file fits the configured lattn task, before anything is built.
+
+        LightningCLI's own version rebuilds the model from the checkpoint's hyperparameters over the
+        config: the config's model options would be ignored without a word (only for a file path, not for
+        ``last``), and a checkpoint of another task would become that task, fed this task's data. Here
+        the config decides, and a checkpoint of another task, backbone or attention mechanism is an error
+        that says what differs (LattnTask.on_load_checkpoint checks the weights' shapes too).
+        """
+        config = self.config.get(str(self.config.get("subcommand")))
+        class_path = config.get("model.class_path") if config is not None else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if not class_path or not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        module_name, _, class_name = class_path.rpartition(".")
+        task_class = getattr(importlib.import_module(module_name), class_name)
+        if not issubclass(task_class, LattnTask):
+            super()._parse_ckpt_path()  # not a lattn task: Lightning's behaviour
+            return
+        init_args = config.get("model.init_args")
+        header = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)  # no weights read
+        problem = checkpoint_mismatch(header, task_class, init_args.as_dict() if init_args is not None else {})
+        if problem is not None:
+            raise ValueError(f"{ckpt_path}: {problem}")
 
     def before_instantiate_classes(self) -> None:
         # validate/test/predict from a checkpoint: the checkpoint holds every weight, so the backbone's
@@ -67,6 +100,13 @@ class LattnCLI(LightningCLI):
             log.info("Weights come from %s; not loading backbone_options.pretrained=%s",
                      config.ckpt_path, options["pretrained"])
             config["model.init_args.backbone_options"] = {**options, "pretrained": None}
+
+    def before_fit(self) -> None:
+        # Checkpoints record the config they were trained with (LattnTask.on_save_checkpoint).
+        if isinstance(self.model, LattnTask):
+            config = self.config[self.subcommand]
+            self.model.training_config = self._parser(self.subcommand).dump(config, skip_none=False)
+            self.model.training_config_files = [str(path) for path in config.get("config") or []]
 
     def after_validate(self) -> None:
         self.write_metrics("validate")
@@ -172,6 +212,11 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "list":
         list_command(argv[1:])
+        return
+    if argv and argv[0] == "bench":
+        from .bench import bench_command  # imported here: plotting and profiling only load for benchmarks
+
+        bench_command(argv[1:])
         return
     if not argv:
         argv = args = ["--help"]

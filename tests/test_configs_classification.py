@@ -127,7 +127,7 @@ def test_config_parses(config, in_tmp, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].endswith("ClassificationTask")
     monitors = [c["init_args"].get("monitor") for c in printed["trainer"]["callbacks"]
-                if c["class_path"].endswith("ModelCheckpoint")]
+                if c["class_path"].endswith(("ModelCheckpoint", "LattnCheckpoint"))]
     assert monitors == ["val_acc"]
 
 

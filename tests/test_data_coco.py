@@ -182,3 +182,12 @@ def test_dataloader_batch_structure(synthetic):
         assert isinstance(target["image_id"], int) and target["orig_size"] == (128, 160)
     val_images, _ = next(iter(dm.val_dataloader()))
     assert max(val_images[0].shape[1:]) == 96
+
+
+def test_empty_split_is_an_error_naming_the_file(tmp_path):
+    path = _write_set(tmp_path, [], split="train")  # images but not one annotation
+    _write_set(tmp_path, [SQUARE], split="val")
+    data = CocoDataModule(root=str(tmp_path), num_workers=0)
+    with pytest.raises(ValueError, match="train split is empty.*instances_train2017.json"):
+        data.setup("fit")
+    assert path.is_file()

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..registry import ATTENTIONS
-from .base import Grid, QKVAttention, linear_rows
+from .base import Grid, QKVAttention
 
 EPSILON = 1e-6
 
@@ -57,14 +57,19 @@ class CareAttention(QKVAttention):
         if self.value_projection:
             return super().project(x, context)
         source = x if context is None else context
-        q = linear_rows(self.qkv, x, 0, self.dim)
-        k = linear_rows(self.qkv, source, self.dim, 2 * self.dim)
+        weights = self.qkv.weight.split(self.dim)  # split once: see QKVAttention.project
+        biases = (None, None) if self.qkv.bias is None else self.qkv.bias.split(self.dim)
+        q = F.linear(x, weights[0], biases[0])
+        k = F.linear(source, weights[1], biases[1])
         return self.split_heads(q), self.split_heads(k), self.split_heads(source)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw: Grid | None, kv_hw: Grid | None) -> Tensor:
-        phi_q, phi_k = F.elu(q) + 1, F.elu(k) + 1
+        # add_ in place: ELU's backward needs its input, not its output, so this saves a copy safely.
+        phi_q, phi_k = F.elu(q).add_(1), F.elu(k).add_(1)
         num_keys = k.shape[-2]
-        kv = phi_k.transpose(-2, -1) @ (v / num_keys)  # (B, h, d, d)
+        kv = (phi_k.transpose(-2, -1) @ v) / num_keys  # (B, h, d, d); dividing it, not v, saves an N x d copy
         kv = F.dropout(kv, self.attn_drop, self.training)
-        z = 1.0 / (phi_q @ phi_k.mean(dim=-2).unsqueeze(-1) + EPSILON)  # (B, h, N, 1)
+        mean_phi_k = phi_k.mean(dim=-2).unsqueeze(-1)
+        del phi_k  # without autograd, freed before the output is formed (lower peak memory)
+        z = 1.0 / (phi_q @ mean_phi_k + EPSILON)  # (B, h, N, 1)
         return (phi_q @ kv) * z

@@ -56,12 +56,12 @@ class CouplingAttention(QKVAttention):
     def coupled_maps(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Row map A (B, h, H, H) and column map B (B, h, W, W) from grid-shaped q, k (B, h, H, W, d)."""
         if self.variant == "pooling":
-            q, k = q.amax(dim=-1), k.amax(dim=-1)  # (B, h, H, W)
-            rows = torch.einsum("bniw,bnjw->bnij", q, k)
-            cols = torch.einsum("bnyu,bnyv->bnuv", q, k)
-        else:
-            rows = torch.einsum("bniwd,bnjwd->bnij", q, k)
-            cols = torch.einsum("bnyud,bnyvd->bnuv", q, k)
+            q, k = q.amax(dim=-1), k.amax(dim=-1)  # (B, h, H, W): one value per token
+            rows = q @ k.transpose(-2, -1)
+            cols = q.transpose(-2, -1) @ k
+        else:  # rows as H tokens of W*d values, columns as W tokens of H*d values
+            rows = q.flatten(-2) @ k.flatten(-2).transpose(-2, -1)
+            cols = q.transpose(2, 3).flatten(-2) @ k.transpose(2, 3).flatten(-2).transpose(-2, -1)
         row_map = F.dropout(torch.softmax(rows * self.scale, dim=-1), self.attn_drop, self.training)
         col_map = F.dropout(torch.softmax(cols * self.scale, dim=-1), self.attn_drop, self.training)
         return row_map, col_map
@@ -78,8 +78,14 @@ class CouplingAttention(QKVAttention):
         grid_k = k[..., kv_prefix:, :].unflatten(-2, kv_hw)
         grid_v = v[..., kv_prefix:, :].unflatten(-2, kv_hw)
         row_map, col_map = self.coupled_maps(grid_q, grid_k)
-        out = torch.einsum("bnij,bnjwd->bniwd", row_map, grid_v)  # A V_j
-        out = torch.einsum("bniwd,bnvw->bnivd", out, col_map).flatten(2, 3)  # (A V_j) B^T
+        # Y_j = A V_j B^T for every channel j as two plain matrix products, neither map repeated per row
+        # or channel: A times V laid out as H x (d W), then that viewed as (H d) x W times B^T.
+        batch, heads, height, width, head_dim = grid_v.shape
+        v_rows = grid_v.transpose(-2, -1).reshape(batch, heads, height, head_dim * width)
+        out = (row_map @ v_rows).view(batch, heads, height * head_dim, width) @ col_map.transpose(-2, -1)
+        out = out.view(batch, heads, height, head_dim, width).transpose(-2, -1).reshape(
+            batch, heads, height * width, head_dim
+        )
         if q_prefix:
             dropout = self.attn_drop if self.training else 0.0
             prefix_out = F.scaled_dot_product_attention(q[..., :q_prefix, :], k, v, dropout_p=dropout)

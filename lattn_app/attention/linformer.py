@@ -56,14 +56,18 @@ class LinformerAttention(QKVAttention):
         self.value_projection = nn.Parameter(torch.randn(k, num_tokens) * k**-0.5)  # F
 
     def compress(self, t: Tensor, projection: Tensor, hw: Grid) -> Tensor:
-        """[projection @ grid tokens ; prefix tokens] for t (B, h, N, d)."""
+        """[prefix tokens ; projection @ grid tokens] for t (B, h, N, d)."""
         prefix = num_prefix(t.shape[-2], hw)
         projection = resample_grid_weight(
             projection, self.grid_size, hw, grid_dim=1, preserve_sum=True,
             mechanism="linformer", policy=self.on_other_grid,
         )
-        compressed = projection.to(t.dtype) @ t[..., prefix:, :]  # (B, h, k, d)
-        return torch.cat([t[..., :prefix, :], compressed], dim=-2)
+        # All heads in one product: (k, HW) @ (B, HW, h*d), where (B, HW, h*d) is a view of the qkv
+        # projection's output (per-head slices of it would each be copied to be multiplied).
+        heads, head_dim = t.shape[1], t.shape[-1]
+        grid_tokens = t[..., prefix:, :].transpose(1, 2).flatten(2)
+        compressed = (projection.to(t.dtype) @ grid_tokens).unflatten(-1, (heads, head_dim)).transpose(1, 2)
+        return torch.cat([t[..., :prefix, :], compressed], dim=-2) if prefix else compressed
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw: Grid | None, kv_hw: Grid | None) -> Tensor:
         assert kv_hw is not None  # needs_grid

@@ -60,11 +60,15 @@ class MixerTokenMixing(TokenMixer):
         p = self.num_prefix_tokens
 
         def resample(weight: Tensor, grid_dim: int, preserve_sum: bool) -> Tensor:
+            if p == 0:  # no split: its backward would build a gradient of the whole weight a second time
+                return resample_grid_weight(
+                    weight, self.grid_size, hw, grid_dim, preserve_sum, "mixer", self.on_other_grid
+                )
             kept, grid = weight.split([p, weight.shape[grid_dim] - p], dim=grid_dim)
             grid = resample_grid_weight(
                 grid, self.grid_size, hw, grid_dim, preserve_sum, "mixer", self.on_other_grid
             )
-            return grid if p == 0 else torch.cat([kept, grid], dim=grid_dim)
+            return torch.cat([kept, grid], dim=grid_dim)
 
         w1 = resample(self.fc1.weight, grid_dim=1, preserve_sum=True)
         w2 = resample(self.fc2.weight, grid_dim=0, preserve_sum=False)

@@ -86,14 +86,17 @@ class PerformerAttention(QKVAttention):
 
     def feature_map(self, x: Tensor, is_query: bool) -> Tensor:
         x = x * self.head_dim**-0.25
-        projected = x @ self.projection.to(x.dtype).T  # (B, h, N, m)
         half_norm = 0.5 * (x * x).sum(dim=-1, keepdim=True)
-        logits = projected - half_norm
-        if is_query:  # per query: cancels in that query's own normaliser
-            stabiliser = logits.amax(dim=-1, keepdim=True)
-        else:  # one value per sample and head: cancels in every normaliser of that sample
-            stabiliser = logits.amax(dim=(-2, -1), keepdim=True)
-        return torch.exp(logits - stabiliser.detach()) * self.num_features**-0.5
+        # One (B, h, N, m) buffer, updated in place (the product's backward needs x, not its output):
+        # exp(W x - |x|^2/2 - stabiliser) m^-1/2 = exp(W x - |x|^2/2 - (stabiliser + ln(m)/2)).
+        logits = (x @ self.projection.to(x.dtype).T).sub_(half_norm)
+        with torch.no_grad():
+            if is_query:  # per query: cancels in that query's own normaliser
+                stabiliser = logits.amax(dim=-1, keepdim=True)
+            else:  # one value per sample and head: cancels in every normaliser of that sample
+                stabiliser = logits.amax(dim=(-2, -1), keepdim=True)
+            stabiliser += 0.5 * math.log(self.num_features)
+        return logits.sub_(stabiliser).exp_()
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw: Grid | None, kv_hw: Grid | None) -> Tensor:
         if self.training and self.redraw_interval is not None:

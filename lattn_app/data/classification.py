@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..registry import check_choice
 from .io import ImageReadError, read_image
+from .resumable import ResumableDataModule
 from .synthetic_classification import ensure_synthetic_classification
 from .transforms import cifar_train_transform, classification_eval_transform, classification_train_transform
 
@@ -204,7 +204,7 @@ def _available_cpus() -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-class _ClassificationDataModule(LightningDataModule):
+class _ClassificationDataModule(ResumableDataModule):
     """Shared loader settings and dataset bookkeeping of the classification data modules."""
 
     num_classes: int
@@ -235,21 +235,14 @@ class _ClassificationDataModule(LightningDataModule):
         return self.datasets[split]
 
     def _loader(self, dataset: ClassificationDataset, train: bool) -> DataLoader:
-        batch_size = self.batch_size if train else self.eval_batch_size
-        if train and self.num_workers == 0:  # augmentations run here: seed them from torch's generator
-            dataset.seed_transform(int(torch.randint(0, 2**31 - 1, ()).item()))
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
+        options = dict(num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                       persistent_workers=self.num_workers > 0, worker_init_fn=_seed_worker)
+        if train:  # ordered and augmented by (seed, epoch, sample), resumable mid-epoch
             # Drop a last incomplete training batch (a batch of one breaks BatchNorm), unless the whole
             # training set is smaller than a batch.
-            drop_last=train and len(dataset) >= batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=_seed_worker,
-        )
+            return self.resumable_train_loader(dataset, self.batch_size, drop_last=len(dataset) >= self.batch_size,
+                                               **options)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("train", "fit"), train=True)

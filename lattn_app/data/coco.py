@@ -452,6 +452,9 @@ class CocoDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str, json_path: Path, train: bool) -> CocoDataset:
         images = load_coco_json(json_path, self.image_dirs[split], self.category_ids, train=train)
+        if not images:
+            raise ValueError(f"CocoDataModule: the {split} split is empty: {json_path} lists no image"
+                             + (" with a usable (non-crowd, non-degenerate) annotation" if train else ""))
         return CocoDataset(images, self.category_ids, self.train_transform if train else self.eval_transform, train=train)
 
     def setup(self, stage: str | None = None) -> None:

@@ -45,7 +45,6 @@ from typing import Any
 
 import albumentations as A
 import cv2
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -53,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..registry import check_choice
 from .io import read_image, read_pfm
+from .resumable import ResumableDataModule
 from .synthetic_stereo import ensure_synthetic_sceneflow
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ class StereoDataset(Dataset):
                 raise ValueError(f"{path}: disparity of size {values.shape[1]}x{values.shape[0]} but the image "
                                  f"{sample.left} is {left.shape[1]}x{left.shape[0]}; expected the same size")
         if self.transform is not None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())  # torch's seed: per worker, per epoch
+            seed = int(torch.randint(0, 2**62, (1,)).item())  # per sample in training (SeededDataset)
             out = self.transform(left, right, disparity, disparity_right, rng=np.random.default_rng(seed))
             left, right, disparity = out["left"], out["right"], out["disparity"]
         return {
@@ -448,7 +448,7 @@ def find_predict_pairs(pairs: str | os.PathLike | Sequence[Sequence[str]]) -> li
 # -------------------------------------------------------------------------------------- datamodule
 
 
-class SceneFlowDataModule(L.LightningDataModule):
+class SceneFlowDataModule(ResumableDataModule):
     """Scene Flow stereo (FlyingThings3D, Monkaa, Driving) as distributed, or the embedded synthetic set.
 
     Training samples are augmented by :class:`StereoAugmentation`; validation and test samples are the
@@ -783,16 +783,11 @@ class SceneFlowDataModule(L.LightningDataModule):
     def _loader(self, dataset: StereoDataset | None, stage: str, batch_size: int, shuffle: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"SceneFlowDataModule: the {stage} dataset is not set up; call setup() first")
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=stereo_collate,
-        )
+        options = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                       pin_memory=torch.cuda.is_available(), collate_fn=stereo_collate)
+        if shuffle:  # training: ordered and augmented by (seed, epoch, sample), resumable mid-epoch
+            return self.resumable_train_loader(dataset, batch_size, drop_last=len(dataset) >= batch_size, **options)
+        return DataLoader(dataset, batch_size=batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, "train", self.batch_size, shuffle=True)

@@ -9,12 +9,19 @@ optimiser step.
 A training loss that is NaN or infinite stops the run with an error naming the step
 (``on_nonfinite_loss="error"``, the default; the last saved checkpoint stays as it was) or skips that
 optimiser step (``"skip"``, counted in the ``train_skipped_steps`` log).
+
+Checkpoints: every checkpoint records the task, the ``lattn fit`` config and the random generators'
+state (:mod:`lattn_app.tasks.record`). Loading one into a task it does not fit (another task, backbone
+or attention mechanism, or weights of other shapes) raises a ValueError that says what differs, both in
+``lattn validate/test/predict --ckpt_path`` and in ``Task.load_from_checkpoint``. A resumed run
+(``lattn fit --ckpt_path last``) restores the random generators when training starts again.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +29,9 @@ from lightning.pytorch import LightningModule
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
 
+from .. import __version__
 from ..registry import check_choice
+from .record import checkpoint_mismatch, collect_rng_states, restore_rng_states, task_name, trained_task_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,6 +77,10 @@ class LattnTask(LightningModule):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.skipped_steps = 0
+        # The resolved `lattn fit` config (YAML text) and its --config files; the CLI sets them.
+        self.training_config: str | None = None
+        self.training_config_files: list[str] = []
+        self._rng_states_to_restore: dict[str, Any] | None = None
 
     def normalize(self, images: Tensor) -> Tensor:
         """Images in [0, 1] (what the datamodules give) -> normalised network input."""
@@ -96,6 +109,57 @@ class LattnTask(LightningModule):
     def batch_size_of(self, batch: Any) -> int | None:
         """Samples in `batch`, for epoch averages of logged values; None: Lightning finds it (first tensor's length)."""
         return None
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the task, its config and the random generators' state (``checkpoint["lattn"]``)."""
+        checkpoint["lattn"] = {
+            "task": task_name(type(self)),
+            "config": self.training_config,
+            "config_files": list(self.training_config_files),
+            "rng_states": collect_rng_states(),
+            "skipped_steps": self.skipped_steps,
+            "lattn_version": __version__,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another task or architecture (before Lightning loads its weights)."""
+        problem = checkpoint_mismatch(checkpoint, type(self), self.hparams, self.state_dict())
+        if problem is not None:
+            path = self._trainer.ckpt_path if self._trainer is not None else None
+            raise ValueError(f"{path or 'checkpoint'}: {problem}")
+        record = checkpoint.get("lattn") or {}
+        self.skipped_steps = record.get("skipped_steps", 0)
+        self._rng_states_to_restore = record.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # A resumed run continues the random sequence of the run that wrote the checkpoint. Restored here,
+        # not at loading: the sanity check and the data loaders' setup in between use random numbers.
+        if self._rng_states_to_restore is not None:
+            restore_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool | None = None, **kwargs: Any) -> LattnTask:
+        """Lightning's ``load_from_checkpoint``, after checking that the checkpoint was trained as this task.
+
+        A checkpoint of another task would otherwise build this task from that task's hyperparameters
+        and fail somewhere unrelated; the error says which task and architecture the checkpoint has.
+        """
+        if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file():
+            # Memory-mapped: only the small records are read here, not the weights.
+            header = torch.load(checkpoint_path, map_location="cpu", mmap=True,
+                                weights_only=True if weights_only is None else weights_only)
+            trained_as = trained_task_name(header) or task_name(cls)
+            problem = checkpoint_mismatch(header, cls, {**(header.get("hyper_parameters") or {}), **kwargs},
+                                          loader=f"{cls.__name__}.load_from_checkpoint",
+                                          advice=f"Load it with {trained_as}.load_from_checkpoint, without "
+                                                 "overriding its architecture")
+            if problem is not None:
+                raise ValueError(f"{checkpoint_path}: {problem}")
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
 
     def setup(self, stage: str) -> None:
         if self.freeze_backbone:

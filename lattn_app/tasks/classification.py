@@ -294,6 +294,7 @@ class ClassificationTask(LattnTask):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the EMA weights under ``state_dict_ema`` with the online weights' ``backbone.`` keys."""
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint.get("state_dict", {})
         ema_keys = [key for key in state if key.startswith(EMA_PREFIX)]
         if ema_keys:
@@ -302,15 +303,13 @@ class ClassificationTask(LattnTask):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put ``state_dict_ema`` back in place; a checkpoint without EMA starts the EMA from its weights."""
         state = checkpoint.get("state_dict")
-        if state is None:
-            return
-        ema_state = checkpoint.get("state_dict_ema")
-        if self.ema is None:
-            return
-        if ema_state is None:
-            ema_state = {key: value for key, value in state.items() if key.startswith("backbone.")}
-        for key, value in ema_state.items():
-            state[EMA_PREFIX + key[len("backbone."):]] = value
+        if state is not None and self.ema is not None:
+            ema_state = checkpoint.get("state_dict_ema")
+            if ema_state is None:
+                ema_state = {key: value for key, value in state.items() if key.startswith("backbone.")}
+            for key, value in ema_state.items():
+                state[EMA_PREFIX + key[len("backbone."):]] = value
+        super().on_load_checkpoint(checkpoint)  # with the EMA weights in place: checks the checkpoint fits
 
     # --- evaluation -------------------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:

@@ -1,0 +1,45 @@
+"""`lattn bench`: measured cost of the attention mechanisms, the backbones, and the papers' memory claims.
+
+    lattn bench attention [--quick]     # every mechanism vs fused/materialised softmax, over N
+    lattn bench backbone  [--quick]     # images/s, peak memory, params, GMACs per backbone x attention
+    lattn bench claims    [--quick]     # the papers' memory claims as ratios measured here
+
+Each writes a Markdown table, JSON and CSV (and, for attention, log-log PNG plots) to its ``--output``
+folder. See BENCHMARKS.md for results and how they are measured (:mod:`lattn_app.bench.measure`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+SUBCOMMANDS = {
+    "attention": "every attention mechanism against fused and materialised softmax attention, over N",
+    "backbone": "images/s, peak memory, parameters and GMACs of backbones with each attention",
+    "claims": "the papers' memory claims, as ratios measured on this machine",
+}
+
+
+def bench_command(argv: Sequence[str]) -> None:
+    """Dispatch `lattn bench <subcommand> ...` (each subcommand has its own --help)."""
+    argv = list(argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser = argparse.ArgumentParser(
+            prog="lattn bench",
+            description="Benchmarks of lattn. Subcommands: "
+            + "; ".join(f"{name}: {what}" for name, what in SUBCOMMANDS.items())
+            + ". `lattn bench SUBCOMMAND --help` lists each one's options.",
+        )
+        parser.add_argument("subcommand", choices=list(SUBCOMMANDS))
+        parser.parse_args(argv[:1])  # prints the help or the error and exits
+        return
+    if argv[0] == "attention":
+        from .attention import main
+    elif argv[0] == "backbone":
+        from .backbone import main
+    else:
+        from .claims import main
+    main(argv[1:])
+
+
+__all__ = ["bench_command"]

@@ -1,0 +1,359 @@
+"""How lattn's benchmarks measure: time, peak memory, FLOPs, out-of-memory, and the machine's roofline.
+
+- **Time**: warm-up calls, then repeated calls timed with ``time.perf_counter`` (CUDA is synchronised
+  before and after each call); the median with the fastest and slowest call as its spread.
+- **Peak extra memory**: what one call allocates beyond what existed before it, at its highest point.
+  CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``). CPU: PyTorch's profiler
+  records every allocation and free of torch's CPU allocator; their running sum, at its maximum, is the
+  peak. Both see torch's own allocations (kernels' workspaces included), not the Python heap.
+- **FLOPs**: ``torch.utils.flop_counter`` (matrix products, convolutions, attention kernels; element-wise
+  work such as softmax and exp is not counted), forward and backward.
+- **Out of memory** is a result: a call that fails to allocate (CUDA's OutOfMemoryError, CPU's
+  "can't allocate memory") is recorded, not raised. :class:`MemoryCap` limits what a call may allocate,
+  on CPU with the data-segment limit of the process (RLIMIT_DATA), so an over-large point fails to
+  allocate instead of swapping or waking the kernel's OOM killer; on CUDA with the allocator's fraction.
+- **Roofline**: the machine's matrix-product FLOP/s and copy bandwidth, measured in the same run, bound
+  any operation's time from below by max(FLOPs / FLOP/s, bytes / bandwidth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
+
+from ..backbones.base import _EXTRA_FLOP_FORMULAS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is CUDA when available, else CPU; "cuda" without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- time
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median of `repeats` timed calls, and the fastest and slowest of them."""
+
+    median: float
+    fastest: float
+    slowest: float
+    repeats: int
+
+
+def time_calls(
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int = 1,
+    repeats: int = 5,
+    min_repeats: int = 3,
+    budget_seconds: float = math.inf,
+) -> Timing:
+    """Time `fn` after `warmup` untimed calls: `repeats` calls, fewer (not under `min_repeats`) once the
+    timed calls have used up `budget_seconds`, so that slow points stay affordable."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    seconds: list[float] = []
+    while len(seconds) < repeats:
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        if len(seconds) >= min_repeats and sum(seconds) >= budget_seconds:
+            break
+    return Timing(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
+
+
+def time_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device, warmup: int = 1,
+                      repeats: int = 5, min_repeats: int = 3, budget_seconds: float = math.inf) -> list[Timing]:
+    """Time several calls in alternation: every round calls each of `fns` once, so that a change in the
+    load of a shared machine slows all of them alike and their ratio stays true."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    synchronize(device)
+    seconds: list[list[float]] = [[] for _ in fns]
+    rounds = 0
+    while rounds < repeats:
+        for fn, times in zip(fns, seconds):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        rounds += 1
+        if rounds >= min_repeats and sum(map(sum, seconds)) >= budget_seconds:
+            break
+    return [Timing(statistics.median(t), min(t), max(t), len(t)) for t in seconds]
+
+
+# -------------------------------------------------------------------------------------------- memory
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ library prints start/stop lines on it)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _cpu_peak_from_profile(profiler: torch.profiler.profile) -> int | None:
+    """Highest running sum of the CPU allocations (+) and frees (-) that the profiler recorded; None when
+    it recorded none at all. (Rarely, on very short calls, the profiler loses some of a run's events.)"""
+    records = [
+        event for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    if not records:
+        return None
+    records.sort(key=lambda event: event.start_ns())
+    running, peak = 0, 0
+    for event in records:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def call_with_peak_memory(fn: Callable[[], object], device: torch.device,
+                          at_least: Callable[[object], int] | None = None) -> tuple[object, int]:
+    """Call `fn` once; return its result and the peak bytes it allocated beyond those allocated before.
+
+    `at_least(result)` is a floor any true peak reaches (e.g. the bytes of a tensor `fn` creates and
+    returns): on CPU a lower reading means the profiler lost events, and the call is measured again.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - before
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    for _attempt in range(3):
+        with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+            result = fn()
+        with _quiet_stderr():
+            peak = _cpu_peak_from_profile(profiler)
+        if peak is not None and (at_least is None or peak >= at_least(result)):
+            break
+    return result, peak or 0
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's error."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in message or "out of memory" in message)
+
+
+def _data_segment_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmData not found in /proc/self/status")
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a run may use: free GPU memory, or the system's MemAvailable (None where unknown)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class MemoryCap:
+    """While active, allocations beyond `limit_bytes` more than at entry fail as out-of-memory errors.
+
+    CPU (Linux): the soft RLIMIT_DATA of the process is set to its current data segment plus the limit,
+    so torch's allocator gets ENOMEM ("can't allocate memory") - the same error as a real shortage.
+    CUDA: the allocator's per-process memory fraction. `limit_bytes=None` sets no limit.
+    """
+
+    def __init__(self, limit_bytes: int | None, device: torch.device) -> None:
+        self.limit_bytes = limit_bytes
+        self.device = device
+        self._restore: Callable[[], None] | None = None
+
+    @staticmethod
+    def supported(device: torch.device) -> bool:
+        return device.type == "cuda" or (sys.platform.startswith("linux") and os.path.exists("/proc/self/status"))
+
+    def __enter__(self) -> MemoryCap:
+        if self.limit_bytes is None:
+            return self
+        if not self.supported(self.device):
+            raise RuntimeError(f"a memory limit is not supported on {self.device} on this platform")
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            allowed = torch.cuda.memory_allocated(self.device) + self.limit_bytes
+            torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total), self.device)
+            self._restore = lambda: torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+        else:
+            soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+            cap = _data_segment_bytes() + self.limit_bytes
+            if hard != resource.RLIM_INFINITY:
+                cap = min(cap, hard)
+            resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+            self._restore = lambda: resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # The CPU fused-attention backward kernel is unknown to PyTorch's counter (its forward is known to
+    # count_complexity's table).
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+FLOP_FORMULAS = {
+    **_EXTRA_FLOP_FORMULAS,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[FlopCounterMode]:
+    """``with counting_flops() as counter: ...`` then ``counter.get_total_flops()``."""
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        yield counter
+
+
+# ------------------------------------------------------------------------------------------ roofline
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The machine's ceilings for one dtype: matrix-product FLOP/s and copy bandwidth (bytes/s)."""
+
+    dtype: str
+    matmul_flops_per_second: float
+    copy_bytes_per_second: float
+    matmul_size: int
+    copy_bytes: int
+
+    def minimum_seconds(self, flops: float, num_bytes: float) -> float:
+        """The least time an operation of `flops` FLOPs that moves `num_bytes` bytes can take here."""
+        return max(flops / self.matmul_flops_per_second, num_bytes / self.copy_bytes_per_second)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def measure_roofline(device: torch.device, dtype: torch.dtype, matmul_size: int | None = None,
+                     copy_megabytes: int | None = None, repeats: int = 5) -> Roofline:
+    """Probe the best matrix-product FLOP/s (square matmul) and copy bandwidth (read + write) of `device`.
+
+    The copy buffer is larger than the caches (256 MB on CPU, 1 GB on CUDA) so that it measures memory.
+    """
+    matmul_size = matmul_size or (8192 if device.type == "cuda" else 2048)
+    copy_megabytes = copy_megabytes or (1024 if device.type == "cuda" else 256)
+    factors = [torch.randn(matmul_size, matmul_size, device=device).to(dtype) for _ in range(2)]
+    matmul = time_calls(lambda: factors[0] @ factors[1], device, warmup=1, repeats=repeats)
+    factors.clear()  # free them before the copy buffers are allocated
+    numel = copy_megabytes * 2**20 // torch.tensor([], dtype=dtype).element_size()
+    source = torch.ones(numel, device=device, dtype=dtype)
+    target = torch.empty_like(source)
+    copy = time_calls(lambda: target.copy_(source), device, warmup=1, repeats=repeats)
+    moved = 2 * source.numel() * source.element_size()  # read once, written once
+    return Roofline(
+        dtype=str(dtype).removeprefix("torch."),
+        matmul_flops_per_second=2 * matmul_size**3 / matmul.fastest,
+        copy_bytes_per_second=moved / copy.fastest,
+        matmul_size=matmul_size,
+        copy_bytes=moved,
+    )
+
+
+# ----------------------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device) -> dict[str, object]:
+    """What the numbers were measured on (named in every output file)."""
+    info: dict[str, object] = {
+        "device": str(device),
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    total = available_memory_bytes(torch.device("cpu"))
+    try:
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        info["memory_gb"] = None if total is None else round(total / 2**30, 1)
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        info["gpu"] = properties.name
+        info["gpu_memory_gb"] = round(properties.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def set_threads(threads: int | None) -> None:
+    """Use `threads` CPU threads for torch's kernels (None: torch's default)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1; got {threads}")
+        torch.set_num_threads(threads)
