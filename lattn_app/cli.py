@@ -116,10 +116,11 @@ class LattnCLI(LightningCLI):
 
     def write_metrics(self, subcommand: str) -> Path | None:
         """Save the metrics of `validate`/`test` as JSON next to the run's logs, with the checkpoint used."""
+        log_dir = self.trainer.log_dir  # every process: under DDP it is broadcast from rank 0
         if not self.trainer.is_global_zero:
             return None
         metrics = {name: float(value) for name, value in sorted(self.trainer.callback_metrics.items())}
-        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        directory = Path(log_dir or self.trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{subcommand}_metrics.json"
         record = {"subcommand": subcommand, "ckpt_path": self.trainer.ckpt_path, "metrics": metrics}

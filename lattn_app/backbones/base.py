@@ -94,6 +94,9 @@ class Backbone(nn.Module):
 
     num_features: int
     feature_info: list[FeatureLevel]
+    #: Sub-modules that only ``forward_head`` uses (the classifier); :meth:`remove_classifier` drops them.
+    classifier_parts: tuple[str, ...] = ()
+    classifier_removed: bool = False
 
     @property
     def out_channels(self) -> list[int]:
@@ -113,7 +116,20 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.classifier_removed:
+            raise RuntimeError(f"{type(self).__name__}: this backbone's classifier was removed (it feeds a dense "
+                               "prediction task); use forward_pyramid or forward_features")
         return self.forward_head(self.forward_features(images))
+
+    def remove_classifier(self) -> None:
+        """Drop the modules only the classifier uses, for tasks that read ``forward_pyramid`` (stereo, detection).
+
+        Parameters that never reach the loss would make DDP wait for gradients that never come, and be
+        saved and counted for nothing.
+        """
+        for name in self.classifier_parts:
+            setattr(self, name, None)
+        self.classifier_removed = True
 
     def complexity(self, image_size: int | tuple[int, int] = 224) -> Complexity:
         return count_complexity(self, image_size)

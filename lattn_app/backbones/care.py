@@ -297,6 +297,7 @@ class CareTransformer(Backbone):
 
         self.num_features = self.stages[-1].out_channels
         self.feature_info = [FeatureLevel(s.out_channels, stride) for s, stride in zip(self.stages, STRIDES)]
+        self.classifier_parts = ("head", "dist_head")
         self.head = CareHead(self.num_features, num_classes)
         # Distillation needs classes to distil; without a classifier there is one (embedding) head.
         self.dist_head = CareHead(self.num_features, num_classes) if distillation and num_classes > 0 else None

@@ -191,6 +191,7 @@ class Couplformer(Backbone):
             ]
         )
         self.norm = nn.LayerNorm(embed_dim)
+        self.classifier_parts = ("pool", "head")
         self.pool = _make_pool(global_pool, embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -337,6 +338,7 @@ class CouplformerHierarchical(Backbone):
                 )
             )
         self.norm = nn.LayerNorm(self.num_features)
+        self.classifier_parts = ("pool", "head")
         self.pool = _make_pool(global_pool, self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)

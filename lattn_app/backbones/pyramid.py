@@ -244,6 +244,7 @@ class PyramidTransformer(Backbone):
                     init_values=init_values,
                 )
             )
+        self.classifier_parts = ("head_norm", "head_drop", "head")
         self.head_norm = nn.LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

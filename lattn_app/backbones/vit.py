@@ -116,6 +116,7 @@ class VisionTransformer(Backbone):
             for drop_path in drop_paths
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.classifier_parts = ("head_drop", "head")
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()

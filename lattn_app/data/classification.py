@@ -242,7 +242,7 @@ class _ClassificationDataModule(ResumableDataModule):
             # training set is smaller than a batch.
             return self.resumable_train_loader(dataset, self.batch_size, drop_last=len(dataset) >= self.batch_size,
                                                **options)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, **options)
+        return self.evaluation_loader(dataset, self.eval_batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("train", "fit"), train=True)

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -60,6 +59,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 
 from .io import read_image
+from .resumable import ResumableDataModule
 from .synthetic_coco import SYNTHETIC_COCO_IMAGE_SIZE, ensure_synthetic_coco
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,11 @@ class CocoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def seed_transform(self, seed: int) -> None:
+        """Seed the albumentations pipeline's own generator (a resumed run augments each sample as before)."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         item = self.images[index]
         image = read_image(item.path)
@@ -347,7 +352,7 @@ def coco_collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch
 # ------------------------------------------------------------------------------------ datamodule
 
 
-class CocoDataModule(L.LightningDataModule):
+class CocoDataModule(ResumableDataModule):
     """COCO-format detection + instance segmentation data (see the module docstring)."""
 
     def __init__(
@@ -486,9 +491,10 @@ class CocoDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, stage: str, batch_size: int, shuffle: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"CocoDataModule: the {stage} dataset is not set up; call setup() first")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=coco_collate,
-                          drop_last=shuffle and len(dataset) >= batch_size)
+        options = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=coco_collate)
+        if shuffle:  # training: ordered and augmented by (seed, epoch, sample), resumable mid-epoch
+            return self.resumable_train_loader(dataset, batch_size, drop_last=len(dataset) >= batch_size, **options)
+        return self.evaluation_loader(dataset, batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, "train", self.batch_size, shuffle=True)

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -166,10 +167,12 @@ def resumable_train_loader(dataset: Dataset, batch_size: int, trainer: Any = Non
 
 
 class ResumableDataModule(LightningDataModule):
-    """A LightningDataModule whose training loader continues mid-epoch after ``lattn fit --ckpt_path ...``.
+    """A LightningDataModule whose training loader continues mid-epoch after ``lattn fit --ckpt_path ...``
+    and whose evaluation loaders count every sample once under DDP.
 
     Subclasses build their training loader with :meth:`resumable_train_loader`; the loader's position goes
     into checkpoints as this datamodule's state (``checkpoint["<DataModuleClass>"]["train_loader"]``).
+    They build their validation, test and predict loaders with :meth:`evaluation_loader`.
     """
 
     _train_loader: ResumableDataLoader | None = None
@@ -183,6 +186,23 @@ class ResumableDataModule(LightningDataModule):
             self._train_loader_to_resume = None
         self._train_loader = loader
         return loader
+
+    def evaluation_loader(self, dataset: Dataset, batch_size: int, **loader_options: Any) -> DataLoader:
+        """A loader in dataset order that, under DDP, gives every sample to exactly one process.
+
+        Lightning would otherwise put a DistributedSampler in, which pads the last process's share with
+        repeated samples so that all get as many batches: those samples would count twice in the metrics.
+        The shares here differ by at most one sample (evaluation has no gradient sync to keep in step).
+        """
+        share = getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer is not None else None
+        sampler = None
+        if share is not None and share["num_replicas"] > 1:
+            if len(dataset) < share["num_replicas"]:
+                raise ValueError(f"{type(self).__name__}: {len(dataset)} evaluation samples cannot be split over "
+                                 f"{share['num_replicas']} processes (each needs at least one); use fewer devices")
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=share["num_replicas"], rank=share["rank"],
+                                                   shuffle=False)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_options)
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}

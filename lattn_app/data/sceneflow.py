@@ -787,7 +787,7 @@ class SceneFlowDataModule(ResumableDataModule):
                        pin_memory=torch.cuda.is_available(), collate_fn=stereo_collate)
         if shuffle:  # training: ordered and augmented by (seed, epoch, sample), resumable mid-epoch
             return self.resumable_train_loader(dataset, batch_size, drop_last=len(dataset) >= batch_size, **options)
-        return DataLoader(dataset, batch_size=batch_size, **options)
+        return self.evaluation_loader(dataset, batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, "train", self.batch_size, shuffle=True)

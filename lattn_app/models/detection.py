@@ -199,6 +199,7 @@ def build_detector(
         if not hasattr(feature_extractor, required):
             raise ValueError(f"backbone {backbone!r} has no {required}; detection needs a backbone with a feature "
                              "pyramid (forward_pyramid, strides, out_channels)")
+    feature_extractor.remove_classifier()
     one_stage = detector not in TWO_STAGE
     strides = ONE_STAGE_STRIDES if one_stage else TWO_STAGE_STRIDES
     if neck == "auto":

@@ -203,6 +203,7 @@ class StereoNet(nn.Module):
         if "img_size" in _parameters(backbone):
             options.setdefault("img_size", tuple(img_size))
         self.backbone = create_backbone(backbone, **options)
+        self.backbone.remove_classifier()
         strides = self.backbone.strides
         # Padding makes the stride-4 grid divisible by 4 (the hourglasses halve it twice) and fits the backbone.
         self.size_multiple = max(16, max(strides))

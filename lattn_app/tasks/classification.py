@@ -43,7 +43,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..backbones import create_backbone
@@ -214,6 +214,9 @@ class ClassificationTask(LattnTask):
         self.train_metrics = accuracy_metrics(num_classes, "train_") if self.mixup is None else None
         self.val_metrics = accuracy_metrics(num_classes, "val_")
         self.test_metrics = accuracy_metrics(num_classes, "test_")
+        # Mean loss over samples; as a metric its sums (not the ranks' means) are reduced under DDP.
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
 
     # --- the network ------------------------------------------------------------------------------
     def network(self) -> nn.Module:
@@ -317,7 +320,9 @@ class ClassificationTask(LattnTask):
         labels = batch["label"]
         loss = F.cross_entropy(logits.float(), labels)
         metrics.update(logits, labels)
-        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True, batch_size=labels.shape[0])
+        loss_metric = getattr(self, f"{stage}_loss")
+        loss_metric.update(loss, weight=labels.shape[0])
+        self.log(f"{stage}_loss", loss_metric, prog_bar=True)
         self.log_dict(metrics, prog_bar=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

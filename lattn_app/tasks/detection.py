@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,29 @@ from .base import IMAGENET_MEAN, IMAGENET_STD, LattnTask
 # The summary numbers of MeanAveragePrecision that are logged (per IoU type).
 LOGGED_AP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
 MASK_THRESHOLD = 0.5
+
+
+_MISSING = object()  # fills the shorter shares when interleaving
+
+
+class GatheredMeanAveragePrecision(MeanAveragePrecision):
+    """torchmetrics' MeanAveragePrecision whose per-image states are gathered whole across DDP processes.
+
+    torchmetrics gathers list states one tensor at a time, which needs the same number of images on every
+    process; lattn's evaluation loaders give each process every world-size-th image (no image counted
+    twice), so the shares can differ by one. The states are gathered as Python objects instead and put
+    back in dataset order (process r holds images r, r + world, r + 2 world, ...).
+    """
+
+    def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
+        world = torch.distributed.get_world_size(process_group)
+        for name in self._defaults:
+            local = [item.cpu() if isinstance(item, Tensor) else item for item in getattr(self, name)]
+            shares: list[list[Any] | None] = [None] * world
+            torch.distributed.all_gather_object(shares, local, group=process_group)
+            merged = [item for images in zip_longest(*shares, fillvalue=_MISSING) for item in images
+                      if item is not _MISSING]
+            setattr(self, name, [item.to(self.device) if isinstance(item, Tensor) else item for item in merged])
 
 
 class DetectionTask(LattnTask):
@@ -126,8 +150,8 @@ class DetectionTask(LattnTask):
         )
         self.backbone = self.detector.backbone.backbone
         iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
-        self.val_map = MeanAveragePrecision(iou_type=iou_types, backend="pycocotools")
-        self.test_map = MeanAveragePrecision(iou_type=iou_types, backend="pycocotools")
+        self.val_map = GatheredMeanAveragePrecision(iou_type=iou_types, backend="pycocotools")
+        self.test_map = GatheredMeanAveragePrecision(iou_type=iou_types, backend="pycocotools")
 
     # --- inference ------------------------------------------------------------------------------------
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
