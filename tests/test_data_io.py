@@ -115,6 +115,15 @@ def test_read_image_rgb_and_conversions(tmp_path):
     assert read_image(tmp_path / "palette.png").shape == (6, 9, 3)
 
 
+def test_16bit_and_float_images_are_refused_naming_the_file_and_mode(tmp_path):
+    Image.fromarray(np.full((4, 5), 40000, np.uint16)).save(tmp_path / "depth16.png")
+    with pytest.raises(ImageReadError, match=r"depth16.png: a 'I;16' .*expected an 8-bit"):
+        read_image(tmp_path / "depth16.png")
+    Image.fromarray(np.full((4, 5), 0.5, np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ImageReadError, match=r"float.tif: a 'F' "):
+        read_image(tmp_path / "float.tif")
+
+
 def test_truncated_png_raises_image_read_error(tmp_path):
     rgb = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "full.png")

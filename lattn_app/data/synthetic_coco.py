@@ -3,7 +3,7 @@
 ``ensure_synthetic_coco()`` writes the set once and returns its root; later calls find it and return at
 once::
 
-    <cache_dir>/synthetic_coco_v1_128x160_200-40-40_seed0/
+    <cache_dir>/synthetic_coco_v1_128x160_1000-40-40_seed0/
         README.txt
         annotations/instances_train2017.json   (train: for training)
         annotations/instances_val2017.json     (val: checkpoint selection)
@@ -161,7 +161,7 @@ def ensure_synthetic_coco(
     cache_dir: str | Path | None = None,
     *,
     image_size: tuple[int, int] = SYNTHETIC_COCO_IMAGE_SIZE,
-    train_images: int = 200,
+    train_images: int = 1000,
     val_images: int = 40,
     test_images: int = 40,
     seed: int = 0,
