@@ -44,6 +44,14 @@ def at_least_float32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def fused_projection_pays(x: Tensor, weight: Tensor) -> bool:
+    """Whether one product with a fused (q, k, v) weight beats separate products for tokens x (B, N, C):
+    always without autograd (one larger matrix product, no extra memory); with autograd only while the
+    fused activation gradient (B, N, 3C) is smaller than the split weight gradient (3C, C), i.e. B N <= C."""
+    tracked = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return not tracked or x.shape[0] * x.shape[1] <= x.shape[-1]
+
+
 class TokenMixer(nn.Module):
     """Base of every mechanism: validates inputs, then calls :meth:`mix`."""
 
@@ -134,8 +142,13 @@ class QKVAttention(TokenMixer):
         The fused qkv weight is split once into its q, k and v row blocks and applied as three products:
         the same result as one product split in three, but the backward pass then assembles the (3C, C)
         weight gradient instead of a (B, N, 3C) activation gradient (less memory in training, and
-        faster; see BENCHMARKS.md).
+        faster; see BENCHMARKS.md). That pays off once there are more tokens than channels; for fewer
+        tokens, and without autograd, one product of the fused weight, split into views, is cheaper.
         """
+        if context is None and fused_projection_pays(x, self.qkv.weight):
+            qkv = F.linear(x, self.qkv.weight, self.qkv.bias).unflatten(-1, (3, self.num_heads, self.head_dim))
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            return q, k, v
         source = x if context is None else context
         weights = self.qkv.weight.split(self.dim)
         biases = (None, None, None) if self.qkv.bias is None else self.qkv.bias.split(self.dim)

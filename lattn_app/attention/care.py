@@ -12,11 +12,12 @@ belong to the CARE backbone. Context and normaliser are computed in fp32 under a
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..registry import ATTENTIONS
-from .base import Grid, QKVAttention
+from .base import Grid, QKVAttention, fused_projection_pays
 
 EPSILON = 1e-6
 
@@ -56,6 +57,9 @@ class CareAttention(QKVAttention):
     def project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.value_projection:
             return super().project(x, context)
+        if context is None and fused_projection_pays(x, self.qkv.weight):  # see QKVAttention.project
+            q, k = F.linear(x, self.qkv.weight, self.qkv.bias).chunk(2, dim=-1)
+            return self.split_heads(q), self.split_heads(k), self.split_heads(x)
         source = x if context is None else context
         weights = self.qkv.weight.split(self.dim)  # split once: see QKVAttention.project
         biases = (None, None) if self.qkv.bias is None else self.qkv.bias.split(self.dim)
@@ -72,4 +76,7 @@ class CareAttention(QKVAttention):
         mean_phi_k = phi_k.mean(dim=-2).unsqueeze(-1)
         del phi_k  # without autograd, freed before the output is formed (lower peak memory)
         z = 1.0 / (phi_q @ mean_phi_k + EPSILON)  # (B, h, N, 1)
-        return (phi_q @ kv) * z
+        out = phi_q @ kv
+        # Without autograd, scaled in place (one N x d tensor less at the peak); with it, the product's
+        # value is needed for z's gradient.
+        return out.mul_(z) if not torch.is_grad_enabled() else out * z

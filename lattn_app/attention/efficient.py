@@ -14,13 +14,17 @@ It pays off when N >> d (at 16 x 16 maps it saves nothing). The context and the 
 positions are computed in fp32 under autocast.
 
 :func:`efficient_attention` is the operation alone (given per-head q, k, v), without the projections of
-the module. Without autograd (inference) it works through the tokens in chunks of ``CHUNK_ROWS`` rows,
-so that softmax(k) and softmax(q) never exist whole: the temporaries stay in cache and the extra memory
-is O(chunk x d) instead of O(N d). With autograd it is the plain formula, whose saved tensors the
-backward pass needs anyway.
+the module. It works through the tokens in chunks of ``CHUNK_ROWS`` rows, so that softmax(k) and
+softmax(q) never exist whole: the temporaries stay in cache and the extra memory is O(chunk x d) instead
+of O(N d). With autograd its backward pass (:class:`_SoftmaxEfficientAttention`) is written out and
+chunked the same way: it keeps only q, k, v, the d x d context and the key softmax's column maxima and
+sums, and recomputes the two softmaxes chunk by chunk. With context dropout in training it falls back to
+the plain formula under autograd.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -33,35 +37,86 @@ NORMALIZATIONS = ("softmax", "scaling")
 CHUNK_ROWS = 1024  # rows per chunk without autograd: ~1 MB temporaries at d = 64, 4 heads (cache-sized)
 
 
-def _tracks_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def softmax_key_context(k: Tensor, v: Tensor, column_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(k over the N positions)^T v for k, v (B, h, N, d), without autograd.
 
-
-def softmax_key_context(k: Tensor, v: Tensor) -> Tensor:
-    """softmax(k over the N positions)^T v: the (B, h, d, d) context of k, v (B, h, N, d)."""
-    if _tracks_grad(k, v):
-        return k.softmax(dim=-2).transpose(-2, -1) @ v
-    # softmax over positions = exp(k - column max) / column sum: exponentiate one chunk of rows at a
-    # time and accumulate both the context and the column sums (in fp32 for half-precision inputs).
-    column_max = k.amax(dim=-2, keepdim=True)
+    softmax over positions = exp(k - column max) / column sum: one chunk of rows is exponentiated at a
+    time, and both the context and the column sums are accumulated (in fp32 for half-precision inputs).
+    Returns the (B, h, d, d) context (accumulation dtype) and the column sums (B, h, 1, d).
+    """
+    if column_max is None:
+        column_max = k.amax(dim=-2, keepdim=True)
     accumulate = torch.promote_types(v.dtype, torch.float32)
     context = k.new_zeros(*k.shape[:-2], k.shape[-1], v.shape[-1], dtype=accumulate)
-    column_sum = k.new_zeros(*k.shape[:-2], k.shape[-1], 1, dtype=accumulate)
+    column_sum = k.new_zeros(*k.shape[:-2], 1, k.shape[-1], dtype=accumulate)
     for k_rows, v_rows in zip(k.split(CHUNK_ROWS, dim=-2), v.split(CHUNK_ROWS, dim=-2)):
-        weights = (k_rows - column_max).exp_()
-        context += weights.transpose(-2, -1) @ v_rows
-        column_sum += weights.sum(dim=-2).unsqueeze(-1)
-    return (context / column_sum).to(v.dtype)
+        weights = (k_rows - column_max).exp_().to(accumulate)
+        context.add_(weights.transpose(-2, -1) @ v_rows.to(accumulate))
+        column_sum.add_(weights.sum(dim=-2, keepdim=True))
+    return context.div_(column_sum.transpose(-2, -1)), column_sum
 
 
 def softmax_query_output(q: Tensor, context: Tensor) -> Tensor:
-    """softmax(q over its d channels) @ context for q (B, h, N, d) and context (B, h, d, d)."""
-    if _tracks_grad(q, context):
-        return q.softmax(dim=-1) @ context
+    """softmax(q over its d channels) @ context for q (B, h, N, d) and context (B, h, d, d), chunked."""
     out = q.new_empty(*q.shape[:-1], context.shape[-1])
+    context = context.to(q.dtype)
     for q_rows, out_rows in zip(q.split(CHUNK_ROWS, dim=-2), out.split(CHUNK_ROWS, dim=-2)):
         torch.matmul(q_rows.softmax(dim=-1), context, out=out_rows)
     return out
+
+
+class _SoftmaxEfficientAttention(torch.autograd.Function):
+    """rho_q(q) (rho_k(k)^T v) with softmax normalisation and a hand-written, chunked backward pass.
+
+    With ks = softmax_N(k), C = ks^T v, qs = softmax_d(q), out = qs C and g = dL/dout:
+        dC = qs^T g,   dq = qs * (g C^T - rowsum(qs * g C^T)),
+        dv = ks dC,    dk = ks * (v dC^T - t),   t_i = sum_n ks_ni (v dC^T)_ni = sum_j dC_ij C_ij,
+    so the column term t of the key softmax's backward needs no pass over the tokens. Two passes over
+    chunks of rows (q with g, then k with v) recompute qs and ks; nothing of size N x d is kept but the
+    inputs and written but the gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # noqa: D102
+        column_max = k.amax(dim=-2, keepdim=True)
+        context, column_sum = softmax_key_context(k, v, column_max)
+        ctx.save_for_backward(q, k, v, column_max, column_sum, context)
+        return softmax_query_output(q, context)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: D102
+        q, k, v, column_max, column_sum, context = ctx.saved_tensors
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        accumulate = context.dtype
+        grad_q = torch.empty_like(q) if need_q else None
+        grad_context = context.new_zeros(context.shape)
+        context_t = context.transpose(-2, -1).to(q.dtype)
+        rows = zip(q.split(CHUNK_ROWS, dim=-2), grad_out.split(CHUNK_ROWS, dim=-2),
+                   grad_q.split(CHUNK_ROWS, dim=-2) if need_q else [None] * math.ceil(q.shape[-2] / CHUNK_ROWS))
+        for q_rows, g_rows, grad_q_rows in rows:
+            weights = q_rows.softmax(dim=-1)
+            grad_context.add_(weights.transpose(-2, -1).to(accumulate) @ g_rows.to(accumulate))
+            if grad_q_rows is not None:
+                grad_weights = torch.matmul(g_rows, context_t, out=grad_q_rows)
+                grad_weights.sub_((grad_weights * weights).sum(dim=-1, keepdim=True)).mul_(weights)
+        if not (need_k or need_v):
+            return grad_q, None, None
+        column_term = (grad_context * context).sum(dim=-1).unsqueeze(-2).to(k.dtype)  # t: (B, h, 1, d)
+        grad_context_v = grad_context.to(v.dtype)
+        grad_context_t = grad_context.transpose(-2, -1).to(v.dtype)
+        scale = column_sum.reciprocal().to(k.dtype)
+        grad_k = torch.empty_like(k) if need_k else None
+        grad_v = torch.empty_like(v) if need_v else None
+        for start in range(0, k.shape[-2], CHUNK_ROWS):
+            part = slice(start, start + CHUNK_ROWS)
+            weights = (k[..., part, :] - column_max).exp_().mul_(scale)  # ks of these rows
+            if need_v:
+                torch.matmul(weights, grad_context_v, out=grad_v[..., part, :])
+            if need_k:
+                grad_k_rows = torch.matmul(v[..., part, :], grad_context_t, out=grad_k[..., part, :])
+                grad_k_rows.sub_(column_term).mul_(weights)
+        return grad_q, grad_k, grad_v
 
 
 def efficient_attention(
@@ -87,8 +142,13 @@ def efficient_attention(
         raise ValueError(f"efficient attention: normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
     if temperature:
         q, k = q * q.shape[-1] ** -0.25, k * k.shape[-1] ** -0.25
-    context = softmax_key_context(k, v)
-    return softmax_query_output(q, F.dropout(context, context_dropout, training))
+    if context_dropout > 0 and training:  # the plain formula, differentiated by autograd
+        context = k.softmax(dim=-2).transpose(-2, -1) @ v
+        return q.softmax(dim=-1) @ F.dropout(context, context_dropout, training)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _SoftmaxEfficientAttention.apply(q, k, v)
+    context, _ = softmax_key_context(k, v)
+    return softmax_query_output(q, context)
 
 
 @ATTENTIONS.register(

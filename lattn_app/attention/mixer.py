@@ -73,9 +73,14 @@ class MixerTokenMixing(TokenMixer):
         w1 = resample(self.fc1.weight, grid_dim=1, preserve_sum=True)
         w2 = resample(self.fc2.weight, grid_dim=0, preserve_sum=False)
         b2 = resample(self.fc2.bias, grid_dim=0, preserve_sum=False)
-        tokens = x.transpose(1, 2)  # (B, C, N): the MLP runs along the token axis
-        hidden = self.drop(F.gelu(F.linear(tokens, w1, self.fc1.bias)))
-        return self.drop(F.linear(hidden, w2, b2)).transpose(1, 2)
+        # The MLP runs along the token axis: with the N tokens as the channels of a 1x1 convolution,
+        # W1 (hidden, N) applies to x (B, N, C) as it is (no transposed copy of x), and the output comes
+        # out as (B, N, C) directly.
+        hidden = F.gelu(F.conv1d(x, w1.unsqueeze(-1), self.fc1.bias))
+        if self.training and self.drop.p > 0:
+            hidden = self.drop(hidden)
+        out = F.conv1d(hidden, w2.unsqueeze(-1), b2)
+        return self.drop(out) if self.training and self.drop.p > 0 else out
 
     def extra_repr(self) -> str:
         return (

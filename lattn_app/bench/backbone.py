@@ -31,6 +31,7 @@ from .measure import (
     is_out_of_memory,
     machine_description,
     resolve_device,
+    retain_freed_memory,
     set_threads,
     time_calls,
 )
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-limit", type=float, default=None,
                         help="GiB a point may allocate (default: half the available memory on CPU)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                        help="retain (default): glibc keeps freed memory for reuse (see lattn bench attention)")
     parser.add_argument("--output", default="bench_results/backbone")
     return parser
 
@@ -190,6 +193,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     options = build_parser().parse_args(list(argv))
     set_threads(options.threads)
     device = resolve_device(options.device)
+    retained = options.malloc == "retain" and device.type == "cpu" and retain_freed_memory()
     memory_limit = options.memory_limit and int(options.memory_limit * 2**30)
     if memory_limit is None and device.type == "cpu" and MemoryCap.supported(device):
         available = available_memory_bytes(device)
@@ -207,7 +211,8 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         "machine": machine_description(device),
         "settings": {"backbones": backbones, "attentions": attentions, "sizes": sizes,
                      "batch_size": options.batch_size, "dtype": options.dtype, "device": str(device),
-                     "memory_limit_bytes": memory_limit},
+                     "memory_limit_bytes": memory_limit,
+                     "malloc": "retain freed memory (mallopt)" if retained else "default"},
         "seconds": round(time.perf_counter() - started, 1),
         "results": records,
     }

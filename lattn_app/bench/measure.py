@@ -13,7 +13,14 @@
   on CPU with the data-segment limit of the process (RLIMIT_DATA), so an over-large point fails to
   allocate instead of swapping or waking the kernel's OOM killer; on CUDA with the allocator's fraction.
 - **Roofline**: the machine's matrix-product FLOP/s and copy bandwidth, measured in the same run, bound
-  any operation's time from below by max(FLOPs / FLOP/s, bytes / bandwidth).
+  any operation's time from below by max(FLOPs / FLOP/s, bytes / bandwidth). The attention benchmark
+  probes them again at every N and keeps the best reading (a busy machine only lowers a probe).
+- **Freed memory** is kept for reuse on CPU (:func:`retain_freed_memory`, as jemalloc or tcmalloc would),
+  so that calls at large N do not page-fault fresh buffers every time; the calls whose memory is
+  measured allocate from the system again (:func:`fresh_allocations`), so that a memory cap binds.
+- **Shared machines**: short points are repeated until they have run for a while and the fastest call
+  is kept next to the median; lattn's mechanisms and their reference formulations are timed call by
+  call in alternation (:func:`time_side_by_side`).
 """
 
 from __future__ import annotations
@@ -72,14 +79,18 @@ def time_calls(
     repeats: int = 5,
     min_repeats: int = 3,
     budget_seconds: float = math.inf,
+    min_seconds: float = 0.0,
+    max_calls: int = 200,
 ) -> Timing:
     """Time `fn` after `warmup` untimed calls: `repeats` calls, fewer (not under `min_repeats`) once the
-    timed calls have used up `budget_seconds`, so that slow points stay affordable."""
+    timed calls have used up `budget_seconds`, so that slow points stay affordable; more (up to
+    `max_calls`) while they took less than `min_seconds` in all, so that the fastest of many short calls
+    is not thrown off by a moment's load on a shared machine."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     seconds: list[float] = []
-    while len(seconds) < repeats:
+    while len(seconds) < repeats or (sum(seconds) < min_seconds and len(seconds) < max_calls):
         start = time.perf_counter()
         fn()
         synchronize(device)
@@ -90,16 +101,19 @@ def time_calls(
 
 
 def time_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device, warmup: int = 1,
-                      repeats: int = 5, min_repeats: int = 3, budget_seconds: float = math.inf) -> list[Timing]:
+                      repeats: int = 5, min_repeats: int = 3, budget_seconds: float = math.inf,
+                      min_seconds: float = 0.0, max_rounds: int = 200) -> list[Timing]:
     """Time several calls in alternation: every round calls each of `fns` once, so that a change in the
-    load of a shared machine slows all of them alike and their ratio stays true."""
+    load of a shared machine slows all of them alike and their ratio stays true. Short calls get more
+    rounds: they go on (up to `max_rounds`) until the timed calls took `min_seconds` in all, so that the
+    fastest call of each is not one lucky or unlucky millisecond."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     synchronize(device)
     seconds: list[list[float]] = [[] for _ in fns]
     rounds = 0
-    while rounds < repeats:
+    while rounds < repeats or (sum(map(sum, seconds)) < min_seconds and rounds < max_rounds):
         for fn, times in zip(fns, seconds):
             start = time.perf_counter()
             fn()
@@ -149,6 +163,7 @@ def _cpu_peak_from_profile(profiler: torch.profiler.profile) -> int | None:
 def call_with_peak_memory(fn: Callable[[], object], device: torch.device,
                           at_least: Callable[[object], int] | None = None) -> tuple[object, int]:
     """Call `fn` once; return its result and the peak bytes it allocated beyond those allocated before.
+    On CPU its allocations come from the system (:func:`fresh_allocations`), so that a memory cap binds.
 
     `at_least(result)` is a floor any true peak reaches (e.g. the bytes of a tensor `fn` creates and
     returns): on CPU a lower reading means the profiler lost events, and the call is measured again.
@@ -162,7 +177,8 @@ def call_with_peak_memory(fn: Callable[[], object], device: torch.device,
         return result, torch.cuda.max_memory_allocated(device) - before
     activities = [torch.profiler.ProfilerActivity.CPU]
     for _attempt in range(3):
-        with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        with fresh_allocations(), _quiet_stderr(), \
+                torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
             result = fn()
         with _quiet_stderr():
             peak = _cpu_peak_from_profile(profiler)
@@ -279,6 +295,12 @@ class Roofline:
     matmul_size: int
     copy_bytes: int
 
+    def best(self, other: Roofline) -> Roofline:
+        """The higher of both ceilings: a busy machine only ever lowers a probe's reading."""
+        return Roofline(self.dtype, max(self.matmul_flops_per_second, other.matmul_flops_per_second),
+                        max(self.copy_bytes_per_second, other.copy_bytes_per_second), self.matmul_size,
+                        self.copy_bytes)
+
     def minimum_seconds(self, flops: float, num_bytes: float) -> float:
         """The least time an operation of `flops` FLOPs that moves `num_bytes` bytes can take here."""
         return max(flops / self.matmul_flops_per_second, num_bytes / self.copy_bytes_per_second)
@@ -349,6 +371,62 @@ def machine_description(device: torch.device) -> dict[str, object]:
         info["gpu_memory_gb"] = round(properties.total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
     return info
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters of <malloc.h>
+_RETAIN = {"mmap": 2**30, "trim": 2**31 - 1}
+_RELEASE = {"mmap": 128 * 1024, "trim": 128 * 1024}  # glibc's initial values
+_libc: object | None = None  # set once freed memory is retained
+
+
+def _set_malloc(values: dict[str, int]) -> bool:
+    assert _libc is not None
+    return bool(_libc.mallopt(_M_MMAP_THRESHOLD, values["mmap"])) and bool(
+        _libc.mallopt(_M_TRIM_THRESHOLD, values["trim"]))
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system.
+
+    By default glibc serves every allocation over 32 MB with a fresh mmap and unmaps it on free, so each
+    call at large N page-faults its big buffers anew (several ms per 64 MB here): a cost that jumps in at
+    one size and bends every curve upwards there. PyTorch's CPU performance guide recommends an allocator
+    that reuses memory (jemalloc, tcmalloc) for this reason; raising the mmap and trim thresholds makes
+    glibc do the same. It applies to every case of a run alike; :func:`fresh_allocations` suspends it
+    for the calls whose memory is measured under a :class:`MemoryCap`. Returns whether it was applied
+    (only on Linux with glibc)."""
+    global _libc
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _libc.mallopt, _libc.malloc_trim  # noqa: B018 (both must exist: glibc)
+    except (OSError, AttributeError):
+        _libc = None
+        return False
+    if not _set_malloc(_RETAIN):
+        _libc = None
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def fresh_allocations() -> Iterator[None]:
+    """While active, big allocations come from the system again (mmap) and frees go back to it, so that
+    a :class:`MemoryCap` (which limits the growth of the data segment) sees every one of them, even after
+    :func:`retain_freed_memory` has kept freed memory around. A no-op when memory is not retained."""
+    if _libc is None:
+        yield
+        return
+    _set_malloc(_RELEASE)
+    _libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        _set_malloc(_RETAIN)
 
 
 def set_threads(threads: int | None) -> None:

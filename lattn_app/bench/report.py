@@ -68,15 +68,26 @@ def format_markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> st
     return "\n".join(lines)
 
 
-def _verdict(passed: bool | None) -> str:
-    return {True: "PASS", False: "FAIL", None: "not measured"}[passed]
+def _verdict(target: dict[str, Any]) -> str:
+    verdict = {True: "PASS", False: "FAIL", None: "not measured"}[target["passed"]]
+    return f"{verdict} (supplementary)" if target.get("supplementary") else verdict
+
+
+def targets_summary(targets: Sequence[dict[str, Any]]) -> str:
+    """"k of n targets hold (m not measured)", supplementary lines left out of the count."""
+    counted = [t for t in targets if not t.get("supplementary")]
+    held = sum(t["passed"] is True for t in counted)
+    missing = sum(t["passed"] is None for t in counted)
+    return f"{held} of {len(counted)} targets hold" + (f" ({missing} not measured)" if missing else "")
 
 
 def format_targets(targets: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    """The targets with what was measured and whether each holds."""
+    """The targets with what was measured and whether each holds, and how many hold."""
     headers = ["target", "threshold", "measured", "result"]
-    rows = [[t["statement"], t["threshold"], t["measured"], _verdict(t["passed"])] for t in targets]
-    return format_markdown(headers, rows) if markdown else "Targets\n" + format_table(headers, rows)
+    rows = [[t["statement"], t["threshold"], t["measured"], _verdict(t)] for t in targets]
+    if markdown:
+        return format_markdown(headers, rows) + "\n\n" + targets_summary(targets) + "."
+    return "Targets\n" + format_table(headers, rows) + "\n" + targets_summary(targets)
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
