@@ -14,6 +14,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from inspect import signature
 from pathlib import Path
@@ -212,7 +213,10 @@ def main(args: Sequence[str] | None = None) -> None:
     """Entry point of `lattn` and `python -m lattn_app`; `args` defaults to the command line."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "list":
-        list_command(argv[1:])
+        try:
+            list_command(argv[1:])
+        except BrokenPipeError:  # `lattn list | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return
     if argv and argv[0] == "bench":
         from .bench import bench_command  # imported here: plotting and profiling only load for benchmarks

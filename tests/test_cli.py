@@ -102,3 +102,9 @@ def test_evaluating_a_checkpoint_does_not_reload_the_pretrained_source(tmp_path,
     # ... but evaluating a checkpoint takes every weight from the checkpoint.
     main(["test", "--config", config, *pretrained, *short,
           "--ckpt_path", str(tmp_path / "checkpoints/classification_quickstart/best.ckpt")])
+
+
+def test_list_piped_into_head_ends_quietly():
+    done = subprocess.run(f"{sys.executable} -m lattn_app list | head -1", shell=True, capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.startswith("Attention mechanisms") and "Traceback" not in done.stderr, done.stderr
