@@ -38,7 +38,7 @@ from .measure import (
     DTYPES,
     MemoryCap,
     Roofline,
-    available_memory_bytes,
+    memory_limit_bytes,
     call_with_peak_memory,
     counting_flops,
     is_out_of_memory,
@@ -680,13 +680,7 @@ def settings_from_arguments(options: argparse.Namespace) -> AttentionBenchSettin
     sizes = options.sizes or (QUICK_SIZES if options.quick else FULL_SIZES)
     if options.width % options.head_dim:
         raise ValueError(f"--width {options.width} must be a multiple of --head-dim {options.head_dim}")
-    if options.memory_limit is not None:
-        memory_limit = int(options.memory_limit * 2**30)
-    elif device.type == "cpu":
-        available = available_memory_bytes(device)
-        memory_limit = None if available is None or not MemoryCap.supported(device) else available // 2
-    else:
-        memory_limit = None
+    memory_limit = memory_limit_bytes(options.memory_limit, device)
     return AttentionBenchSettings(
         sizes=[parse_grid(size) for size in sizes],
         dtypes=options.dtypes or (["float32"] if options.quick else ["float32", "bfloat16"]),

@@ -26,7 +26,7 @@ from . import report
 from .measure import (
     DTYPES,
     MemoryCap,
-    available_memory_bytes,
+    memory_limit_bytes,
     call_with_peak_memory,
     is_out_of_memory,
     machine_description,
@@ -194,10 +194,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     set_threads(options.threads)
     device = resolve_device(options.device)
     retained = options.malloc == "retain" and device.type == "cpu" and retain_freed_memory()
-    memory_limit = options.memory_limit and int(options.memory_limit * 2**30)
-    if memory_limit is None and device.type == "cpu" and MemoryCap.supported(device):
-        available = available_memory_bytes(device)
-        memory_limit = None if available is None else available // 2
+    memory_limit = memory_limit_bytes(options.memory_limit, device)
     backbones = options.backbones or (["vit_tiny"] if options.quick else list(DEFAULT_BACKBONES))
     attentions = options.attentions or (["efficient"] if options.quick else list(DEFAULT_ATTENTIONS))
     sizes = options.sizes or list(QUICK_SIZES if options.quick else FULL_SIZES)

@@ -30,7 +30,7 @@ from . import report
 from .backbone import build_network, training_step
 from .measure import (
     MemoryCap,
-    available_memory_bytes,
+    memory_limit_bytes,
     call_with_peak_memory,
     is_out_of_memory,
     machine_description,
@@ -219,10 +219,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     options = build_parser().parse_args(list(argv))
     set_threads(options.threads)
     device = resolve_device(options.device)
-    memory_limit = options.memory_limit and int(options.memory_limit * 2**30)
-    if memory_limit is None and device.type == "cpu" and MemoryCap.supported(device):
-        available = available_memory_bytes(device)
-        memory_limit = None if available is None else available // 2
+    memory_limit = memory_limit_bytes(options.memory_limit, device)
     started = time.perf_counter()
     claims = run_claims(device, options.quick, options.batch_size, memory_limit)
     document = {

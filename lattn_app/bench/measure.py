@@ -218,6 +218,17 @@ def available_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def memory_limit_bytes(gib: float | None, device: torch.device) -> int | None:
+    """The per-point memory cap of `--memory-limit GIB`; unset: half the available memory on a CPU that
+    supports the cap, else no cap."""
+    if gib is not None:
+        return int(gib * 2**30)
+    if device.type != "cpu" or not MemoryCap.supported(device):
+        return None
+    available = available_memory_bytes(device)
+    return None if available is None else available // 2
+
+
 class MemoryCap:
     """While active, allocations beyond `limit_bytes` more than at entry fail as out-of-memory errors.
 
