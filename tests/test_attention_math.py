@@ -34,6 +34,27 @@ def test_efficient_scaling_equals_dot_product_over_n():
     torch.testing.assert_close(module(x, hw=(6, 9)), expected)
 
 
+@pytest.mark.parametrize("tokens, chunk_rows", [(7, 1024), (37, 1024), (37, 5), (64, 16)])
+def test_efficient_written_out_backward_equals_autograd_of_the_formula(tokens, chunk_rows, monkeypatch):
+    """The hand-written, chunked backward pass against autograd through softmax_d(q) (softmax_N(k)^T v):
+    one chunk, several (the last one short), and gradcheck's numerical derivatives."""
+    import lattn_app.attention.efficient as efficient
+
+    monkeypatch.setattr(efficient, "CHUNK_ROWS", chunk_rows)
+    generator = torch.Generator().manual_seed(tokens)
+    q, k, v = (torch.randn(2, 3, tokens, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    grad_out = torch.randn(2, 3, tokens, 8, generator=generator, dtype=torch.float64)
+    out = efficient.efficient_attention(q, k, v)
+    expected = q.softmax(dim=-1) @ (k.softmax(dim=-2).transpose(-2, -1) @ v)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    assert torch.autograd.gradcheck(efficient.efficient_attention, (q[:1, :1], k[:1, :1], v[:1, :1]))
+
+
 @pytest.mark.parametrize("temperature", [False, True])
 def test_efficient_softmax_equals_explicit_reconstruction(temperature):
     module = build("efficient", temperature=temperature).double()

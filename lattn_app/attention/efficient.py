@@ -14,7 +14,7 @@ It pays off when N >> d (at 16 x 16 maps it saves nothing). The context and the 
 positions are computed in fp32 under autocast.
 
 :func:`efficient_attention` is the operation alone (given per-head q, k, v), without the projections of
-the module. It works through the tokens in chunks of ``CHUNK_ROWS`` rows, so that softmax(k) and
+the module. It works through the tokens in chunks of at most ``CHUNK_ROWS`` rows, so that softmax(k) and
 softmax(q) never exist whole: the temporaries stay in cache and the extra memory is O(chunk x d) instead
 of O(N d). With autograd its backward pass (:class:`_SoftmaxEfficientAttention`) is written out and
 chunked the same way: it keeps only q, k, v, the d x d context and the key softmax's column maxima and
@@ -34,7 +34,15 @@ from ..registry import ATTENTIONS, check_choice
 from .base import Grid, QKVAttention
 
 NORMALIZATIONS = ("softmax", "scaling")
-CHUNK_ROWS = 1024  # rows per chunk without autograd: ~1 MB temporaries at d = 64, 4 heads (cache-sized)
+CHUNK_ROWS = 1024  # the most rows per chunk: ~1 MB temporaries at d = 64, 4 heads (cache-sized)
+# The backward pass holds three N x d gradients besides q, k, v: it cuts even few tokens into 4 chunks, so
+# that its temporaries are a quarter of q's size, not all of it (the forward pass is faster in one piece).
+BACKWARD_MIN_CHUNKS = 4
+
+
+def chunk_rows(tokens: int, min_chunks: int = 1) -> int:
+    """Rows per chunk for `tokens` rows: at most CHUNK_ROWS, and few enough for `min_chunks` chunks."""
+    return max(1, min(CHUNK_ROWS, math.ceil(tokens / min_chunks)))
 
 
 def softmax_key_context(k: Tensor, v: Tensor, column_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -49,7 +57,8 @@ def softmax_key_context(k: Tensor, v: Tensor, column_max: Tensor | None = None) 
     accumulate = torch.promote_types(v.dtype, torch.float32)
     context = k.new_zeros(*k.shape[:-2], k.shape[-1], v.shape[-1], dtype=accumulate)
     column_sum = k.new_zeros(*k.shape[:-2], 1, k.shape[-1], dtype=accumulate)
-    for k_rows, v_rows in zip(k.split(CHUNK_ROWS, dim=-2), v.split(CHUNK_ROWS, dim=-2)):
+    rows = chunk_rows(k.shape[-2])
+    for k_rows, v_rows in zip(k.split(rows, dim=-2), v.split(rows, dim=-2)):
         weights = (k_rows - column_max).exp_().to(accumulate)
         context.add_(weights.transpose(-2, -1) @ v_rows.to(accumulate))
         column_sum.add_(weights.sum(dim=-2, keepdim=True))
@@ -60,7 +69,8 @@ def softmax_query_output(q: Tensor, context: Tensor) -> Tensor:
     """softmax(q over its d channels) @ context for q (B, h, N, d) and context (B, h, d, d), chunked."""
     out = q.new_empty(*q.shape[:-1], context.shape[-1])
     context = context.to(q.dtype)
-    for q_rows, out_rows in zip(q.split(CHUNK_ROWS, dim=-2), out.split(CHUNK_ROWS, dim=-2)):
+    rows = chunk_rows(q.shape[-2])
+    for q_rows, out_rows in zip(q.split(rows, dim=-2), out.split(rows, dim=-2)):
         torch.matmul(q_rows.softmax(dim=-1), context, out=out_rows)
     return out
 
@@ -92,9 +102,10 @@ class _SoftmaxEfficientAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q) if need_q else None
         grad_context = context.new_zeros(context.shape)
         context_t = context.transpose(-2, -1).to(q.dtype)
-        rows = zip(q.split(CHUNK_ROWS, dim=-2), grad_out.split(CHUNK_ROWS, dim=-2),
-                   grad_q.split(CHUNK_ROWS, dim=-2) if need_q else [None] * math.ceil(q.shape[-2] / CHUNK_ROWS))
-        for q_rows, g_rows, grad_q_rows in rows:
+        rows = chunk_rows(q.shape[-2], BACKWARD_MIN_CHUNKS)
+        chunks = zip(q.split(rows, dim=-2), grad_out.split(rows, dim=-2),
+                     grad_q.split(rows, dim=-2) if need_q else [None] * math.ceil(q.shape[-2] / rows))
+        for q_rows, g_rows, grad_q_rows in chunks:
             weights = q_rows.softmax(dim=-1)
             grad_context.add_(weights.transpose(-2, -1).to(accumulate) @ g_rows.to(accumulate))
             if grad_q_rows is not None:
@@ -108,8 +119,9 @@ class _SoftmaxEfficientAttention(torch.autograd.Function):
         scale = column_sum.reciprocal().to(k.dtype)
         grad_k = torch.empty_like(k) if need_k else None
         grad_v = torch.empty_like(v) if need_v else None
-        for start in range(0, k.shape[-2], CHUNK_ROWS):
-            part = slice(start, start + CHUNK_ROWS)
+        rows = chunk_rows(k.shape[-2], BACKWARD_MIN_CHUNKS)
+        for start in range(0, k.shape[-2], rows):
+            part = slice(start, start + rows)
             weights = (k[..., part, :] - column_max).exp_().mul_(scale)  # ks of these rows
             if need_v:
                 torch.matmul(weights, grad_context_v, out=grad_v[..., part, :])

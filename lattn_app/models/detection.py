@@ -29,11 +29,12 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..backbones import create_backbone
 from ..registry import check_choice
+from .roi_align import PyramidRoIAlign
 
 DETECTORS = ("maskrcnn", "fasterrcnn", "retinanet", "fcos")
 HEAD_NORMS = ("none", "group")
@@ -171,6 +172,7 @@ def build_detector(
     mask_head_channels: int = 256,
     rpn_batch_size_per_image: int = 256,
     box_batch_size_per_image: int = 512,
+    rpn_train_proposals: int = 2000,
     score_threshold: float = 0.05,
     detections_per_image: int = 100,
     head_norm: str = "none",
@@ -186,6 +188,9 @@ def build_detector(
         box_head_dim, mask_head_channels: widths of the R-CNN box head (2 FC layers) and mask head (4 convs).
         rpn_batch_size_per_image, box_batch_size_per_image: anchors / proposals sampled per image for the
             RPN and box-head losses (two-stage detectors).
+        rpn_train_proposals: RPN proposals kept in training, per level before NMS and per image after it
+            (torchvision: 2000; at test time 1000 as in torchvision). Small images with few objects need
+            far fewer, and the RPN's share of the step shrinks with them.
         head_norm: ``none`` (torchvision's Mask R-CNN) or ``group``: GroupNorm in the FPN and the R-CNN
             heads, whose box head then has 4 convs before its FC layer (Mask R-CNN "v2", Detectron2's GN
             models); it trains faster and is what training without pretrained weights needs.
@@ -222,19 +227,21 @@ def build_detector(
     common = {"min_size": 1, "max_size": 1}  # unused: PreparedImages replaces the transform below
     if detector in TWO_STAGE:
         roi_levels = features.names[:-1]  # the pooled extra level only feeds the RPN, as in torchvision's FPN models
-        box_pool = MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2)
+        roi_strides = strides[: len(roi_levels)]
+        box_pool = PyramidRoIAlign(roi_levels, roi_strides, output_size=7, sampling_ratio=2)
         kwargs = dict(
             rpn_anchor_generator=anchors, box_roi_pool=box_pool,
             box_head=FastRCNNConvFCHead((neck_channels, 7, 7), [neck_channels] * 4, [box_head_dim], norm_layer=group_norm)
             if norm else TwoMLPHead(neck_channels * 7 * 7, box_head_dim),
             box_predictor=FastRCNNPredictor(box_head_dim, classes),
             rpn_batch_size_per_image=rpn_batch_size_per_image, box_batch_size_per_image=box_batch_size_per_image,
+            rpn_pre_nms_top_n_train=rpn_train_proposals, rpn_post_nms_top_n_train=rpn_train_proposals,
             box_score_thresh=score_threshold, box_detections_per_img=detections_per_image, **common,
         )
         if detector == "maskrcnn":
             model = MaskRCNN(
                 features, num_classes=None,
-                mask_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=14, sampling_ratio=2),
+                mask_roi_pool=PyramidRoIAlign(roi_levels, roi_strides, output_size=14, sampling_ratio=2),
                 mask_head=MaskRCNNHeads(neck_channels, (mask_head_channels,) * 4, dilation=1,
                                         norm_layer=group_norm if norm else None),
                 mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, classes), **kwargs,

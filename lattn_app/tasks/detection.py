@@ -86,6 +86,7 @@ class DetectionTask(LattnTask):
         mask_head_channels: int = 256,
         rpn_batch_size_per_image: int = 256,
         box_batch_size_per_image: int = 512,
+        rpn_train_proposals: int = 2000,
         score_threshold: float = 0.05,
         detections_per_image: int = 100,
         head_norm: str = "none",
@@ -120,6 +121,8 @@ class DetectionTask(LattnTask):
             box_head_dim, mask_head_channels: widths of the R-CNN heads (Mask R-CNN: 1024 and 256).
             rpn_batch_size_per_image, box_batch_size_per_image: samples per image of the RPN and box-head
                 losses (Mask R-CNN: 256 and 512).
+            rpn_train_proposals: RPN proposals kept per image in training (torchvision: 2000); fewer make
+                training faster where images hold few objects.
             score_threshold: detections below this score are dropped before evaluation (COCO practice: 0.05).
             detections_per_image: the most detections kept per image (COCO: 100).
             head_norm: ``none`` (torchvision's Mask R-CNN heads) or ``group`` (GroupNorm in the FPN and
@@ -145,8 +148,8 @@ class DetectionTask(LattnTask):
         options = {"attention": attention, **(backbone_options or {})}
         self.detector = build_detector(
             detector, num_classes, backbone, options, neck, neck_channels, anchor_sizes, anchor_aspect_ratios,
-            box_head_dim, mask_head_channels, rpn_batch_size_per_image, box_batch_size_per_image, score_threshold,
-            detections_per_image, head_norm,
+            box_head_dim, mask_head_channels, rpn_batch_size_per_image, box_batch_size_per_image, rpn_train_proposals,
+            score_threshold, detections_per_image, head_norm,
         )
         self.backbone = self.detector.backbone.backbone
         iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
