@@ -14,7 +14,7 @@ import torch
 
 from lattn_app.attention import create_attention
 from lattn_app.bench import report
-from lattn_app.bench.attention import evaluate_targets, growth_exponent, parse_grid
+from lattn_app.bench.attention import evaluate_targets, growth_exponent, memory_floor_bytes, parse_grid
 from lattn_app.bench.reference import ReferenceEfficientAttention
 from lattn_app.cli import main
 
@@ -133,9 +133,10 @@ def test_reference_efficient_formulation_matches_lattn_module():
 
 
 def _record(case, n, mode, seconds, memory=1000, roofline_s=None):
+    """A result; `memory` in MB (above every floor of memory_floor_bytes at these sizes)."""
     return {"case": case, "n": n, "mode": mode, "dtype": "float32", "status": "ok", "batch_size": 1,
             "head_dim": 64, "width": 256, "time_fastest_s": seconds, "time_median_s": seconds, "time_slowest_s": seconds,
-            "peak_memory_bytes": memory, "roofline_s": roofline_s}
+            "peak_memory_bytes": memory * 10**6, "bytes": 8 * n * 256 * 4, "roofline_s": roofline_s}
 
 
 def test_targets_pass_and_fail_on_the_measured_ratios():
@@ -222,6 +223,26 @@ def test_reference_targets_use_the_alternated_timing_and_every_point():
     assert targets["reference efficient"]["measured"].startswith("time 0.90-0.90x")
     assert targets["reference performer"]["passed"] is False
     assert "memory 0.50-1.05x (worst at N=4096 forward+backward)" in targets["reference performer"]["measured"]
+
+
+def test_memory_readings_below_their_floor_are_not_compared():
+    """A CPU reading under the output and gradients a call must have written lost profiler events: the
+    reference comparison leaves it out (and says so) instead of failing, or passing, on it."""
+    lost = 3 * 1024 * 256 * 4  # fwd+bwd floor at N=1024: half of the essential bytes (8 N C 4 / 2)
+    records = [
+        _record("mixer", 1024, "forward+backward", 0.010, memory=2000),
+        dict(_record("reference:mixer", 1024, "forward+backward", 0.010), peak_memory_bytes=lost),
+        _record("mixer", 196, "forward", 0.001, memory=900),
+        _record("reference:mixer", 196, "forward", 0.001, memory=1000),
+    ]
+    assert memory_floor_bytes(records[1]) == 4 * 1024 * 256 * 4
+    assert memory_floor_bytes(records[2]) == 196 * 256 * 4
+    target = {t["target"]: t for t in evaluate_targets(records)}["reference mixer"]
+    assert target["passed"] is True
+    assert "memory 0.90-0.90x" in target["measured"]
+    assert "memory not compared at N=1024 forward+backward" in target["measured"]
+    records[1]["peak_memory_bytes"] = 1000 * 10**6  # a complete reading: ours is twice as hungry
+    assert {t["target"]: t for t in evaluate_targets(records)}["reference mixer"]["passed"] is False
 
 
 def test_roofline_target_is_the_module_and_the_operation_a_supplementary_line():

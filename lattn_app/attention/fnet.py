@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..registry import ATTENTIONS, check_choice
-from .base import Grid, TokenMixer, at_least_float32, num_prefix
+from .base import Grid, TokenMixer, at_least_float32, autocast_off, num_prefix
 
 MODES = ("1d", "2d")
 FFT_NORMS = ("backward", "ortho", "forward")
@@ -58,7 +58,7 @@ class FNetMixer(TokenMixer):
         self.needs_grid = mode == "2d"
 
     def mix(self, x: Tensor, hw: Grid | None, context: Tensor | None, context_hw: Grid | None) -> Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x):
             out = self.fourier(at_least_float32(x), hw)
         return out.to(x.dtype)
 

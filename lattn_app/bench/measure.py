@@ -5,7 +5,10 @@
 - **Peak extra memory**: what one call allocates beyond what existed before it, at its highest point.
   CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``). CPU: PyTorch's profiler
   records every allocation and free of torch's CPU allocator; their running sum, at its maximum, is the
-  peak. Both see torch's own allocations (kernels' workspaces included), not the Python heap.
+  peak. Both see torch's own allocations (kernels' workspaces included), not the Python heap. The
+  profiler now and then loses events, which lowers a reading, and a first call can make one-time
+  allocations, which raise it: a reading below the call's output and gradients is taken again, and a
+  short call (under SHORT_CALL_SECONDS) is read three times and its middle reading kept.
 - **FLOPs**: ``torch.utils.flop_counter`` (matrix products, convolutions, attention kernels; element-wise
   work such as softmax and exp is not counted), forward and backward.
 - **Out of memory** is a result: a call that fails to allocate (CUDA's OutOfMemoryError, CPU's
@@ -160,10 +163,15 @@ def _cpu_peak_from_profile(profiler: torch.profiler.profile) -> int | None:
     return peak
 
 
+CPU_MEMORY_READINGS = 3  # the most calls one CPU memory reading makes (see the module docstring)
+SHORT_CALL_SECONDS = 0.25  # calls shorter than this are read CPU_MEMORY_READINGS times
+
+
 def call_with_peak_memory(fn: Callable[[], object], device: torch.device,
                           at_least: Callable[[object], int] | None = None) -> tuple[object, int]:
-    """Call `fn` once; return its result and the peak bytes it allocated beyond those allocated before.
-    On CPU its allocations come from the system (:func:`fresh_allocations`), so that a memory cap binds.
+    """Call `fn`; return its result and the peak bytes it allocated beyond those allocated before.
+    On CPU its allocations come from the system (:func:`fresh_allocations`), so that a memory cap binds,
+    and `fn` may be called up to CPU_MEMORY_READINGS times (see the module docstring).
 
     `at_least(result)` is a floor any true peak reaches (e.g. the bytes of a tensor `fn` creates and
     returns): on CPU a lower reading means the profiler lost events, and the call is measured again.
@@ -176,15 +184,20 @@ def call_with_peak_memory(fn: Callable[[], object], device: torch.device,
         synchronize(device)
         return result, torch.cuda.max_memory_allocated(device) - before
     activities = [torch.profiler.ProfilerActivity.CPU]
-    for _attempt in range(3):
+    complete_readings, peak = [], None
+    for _attempt in range(CPU_MEMORY_READINGS):
+        started = time.perf_counter()
         with fresh_allocations(), _quiet_stderr(), \
                 torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
             result = fn()
+        seconds = time.perf_counter() - started
         with _quiet_stderr():
             peak = _cpu_peak_from_profile(profiler)
         if peak is not None and (at_least is None or peak >= at_least(result)):
-            break
-    return result, peak or 0
+            complete_readings.append(peak)
+            if seconds > SHORT_CALL_SECONDS:  # a long call is read once (when its reading is complete)
+                break
+    return result, statistics.median_high(complete_readings) if complete_readings else (peak or 0)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

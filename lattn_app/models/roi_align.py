@@ -110,7 +110,10 @@ class PyramidRoIAlign(MultiScaleRoIAlign):
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = [x[name] for name in self.featmap_names]
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.long, device=rois.device)
+        if len(features) > 1:
+            levels = self.map_levels(boxes)
+        else:
+            levels = torch.zeros(len(rois), dtype=torch.long, device=rois.device)
         pooled = features[0].new_zeros(len(rois), features[0].shape[1], *self.output_size)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.nonzero(levels == level).squeeze(1)
