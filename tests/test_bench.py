@@ -154,8 +154,13 @@ def test_targets_pass_and_fail_on_the_measured_ratios():
         _record("reference:efficient", 1024, "forward", 0.011, memory=1000),  # faster and leaner: passes
         _record("fnet", 1024, "forward", 0.012, memory=1000),
         _record("reference:fnet", 1024, "forward", 0.010, memory=1000),  # 20% slower: fails
+        _record("fnet", 65536, "forward", 0.012 * 64**1.3),  # N^1.30: fails, but fnet is O(N log N)
     ]
-    verdicts = {t["target"]: t["passed"] for t in evaluate_targets(records)}
+    targets = evaluate_targets(records)
+    verdicts = {t["target"]: t["passed"] for t in targets}
+    supplementary = {t["target"] for t in targets if t["supplementary"]}
+    assert verdicts["growth fnet forward"] is False and "growth fnet forward" in supplementary
+    assert "growth care forward" not in supplementary
     assert verdicts["efficient op vs fused softmax"] is True
     assert verdicts["efficient module vs softmax module"] is False
     assert verdicts["growth performer forward"] is True

@@ -60,9 +60,12 @@ ROOFLINE_REPROBE_SECONDS = 60.0
 ERROR_ROWS = 256  # the error is measured on this many query rows (exact attention of all N is O(N^2))
 
 # Mechanisms whose time is linear in N (the registry's complexity), checked for N^1.15 growth.
-# coupling is O(N (H + W) d) = O(N^1.5) on square grids, so it is reported but not held to it.
 LINEAR_CASES = ("efficient", "efficient-scaling", "op:efficient", "performer", "linformer", "nystrom", "care",
-                "care-block", "fnet", "mixer")
+                "care-block", "mixer")
+# fnet is O(N C log(N C)) (FFTs): its growth is shown as a supplementary line, not held to N^1.15 (the log
+# factor alone makes N^1.11 from N=1024 to 65536). coupling, O(N (H + W) d) = O(N^1.5) on square grids,
+# is not listed.
+SUPPLEMENTARY_GROWTH_CASES = ("fnet",)
 
 
 # ----------------------------------------------------------------------------------------- cases
@@ -571,18 +574,23 @@ def evaluate_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "forward+backward at N=16384: the efficient module at least 20x faster than the softmax module",
             "softmax", "efficient", 20)
 
-    for case in LINEAR_CASES:
+    for case in LINEAR_CASES + SUPPLEMENTARY_GROWTH_CASES:
+        supplementary = case in SUPPLEMENTARY_GROWTH_CASES
         for mode in MODES:
             statement = f"{case} {mode}: time grows at most as N^1.15 from N=1024 to N=65536"
+            if supplementary:
+                statement += " (supplementary: O(N log N), not a linear mechanism)"
             points = sorted((r["n"], r[TARGET_TIME]) for r in records if r["case"] == case and r["mode"] == mode
                             and r["dtype"] == "float32" and r["status"] == "ok" and 1024 <= r["n"] <= 65536)
             if len(points) < 2 or points[0][0] != 1024 or points[-1][0] != 65536:
-                targets.append(_target(f"growth {case} {mode}", statement, "<= 1.15", "not measured", None))
+                targets.append(_target(f"growth {case} {mode}", statement, "<= 1.15", "not measured", None,
+                                       supplementary))
                 continue
             exponent = growth_exponent(points)
             endpoints = math.log(points[-1][1] / points[0][1]) / math.log(65536 / 1024)
             measured = f"N^{exponent:.2f} (fit over {len(points)} sizes; endpoints alone N^{endpoints:.2f})"
-            targets.append(_target(f"growth {case} {mode}", statement, "<= 1.15", measured, exponent <= 1.15))
+            targets.append(_target(f"growth {case} {mode}", statement, "<= 1.15", measured, exponent <= 1.15,
+                                   supplementary))
 
     # "efficient forward" is the registered mechanism, i.e. the module. The bare operation is reported next
     # to it as a supplementary line: its products have an inner size of d = 64, at which no BLAS reaches
