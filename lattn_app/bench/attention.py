@@ -325,9 +325,7 @@ def measure_point(workload: Workload, mode: str, settings: AttentionBenchSetting
     warmup = settings.warmup if first_call_seconds < 1.0 else 0
     timing = time_calls(lambda: workload.call(mode), device, warmup=warmup, repeats=settings.repeats,
                         budget_seconds=settings.point_seconds, min_seconds=min(1.0, settings.point_seconds / 4))
-    lost_events = peak < output_bytes(out)  # still below the floor after call_with_peak_memory's attempts
     values = {
-        "note": "memory reading incomplete (the profiler lost allocation events)" if lost_events else "",
         "time_median_s": timing.median, "time_fastest_s": timing.fastest, "time_slowest_s": timing.slowest,
         "repeats": timing.repeats, "peak_memory_bytes": peak, "flops": flops,
         "bytes": workload.essential_bytes(mode),
@@ -409,6 +407,9 @@ class AttentionSweep:
                 record["error"] = self.errors.get((record["case"], record["grid"], record["dtype"]))
             if record["status"] == "ok":  # against the best roofline probe of the whole run
                 roofline_values(record, self.rooflines[record["dtype"]])
+                if not memory_is_trusted(record):  # still below its floor after call_with_peak_memory's tries
+                    lost = "memory reading incomplete (the profiler lost allocation events)"
+                    record["note"] = "; ".join(filter(None, [record["note"], lost]))
         return records
 
     def point(self, case: Case, hw: tuple[int, int], dtype: str, mode: str) -> dict[str, Any]:

@@ -164,7 +164,7 @@ def run_claims(device: torch.device, quick: bool, batch: int, memory_limit: int 
     })
 
     # 3. Efficient attention vs materialised softmax in the stereo network.
-    crop = tuple(settings["stereo_crop"])
+    crop = settings["stereo_crop"]
     log(f"claim 3: stereo network at {crop[0]}x{crop[1]}, batch {batch}")
     results = {}
     for part, attention_only in (("network", False), ("attention layers", True)):

@@ -20,6 +20,8 @@ from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import initLevelMapper
 
+from ..attention.base import autocast_off
+
 # The matmul form is used when a level's H * W is at most this many times the sample points of one
 # region's channel (output height * width * sampling_ratio^2); the crossover measured here lies between
 # 8x (4-7x faster) and 86x (1.8x slower).
@@ -65,7 +67,7 @@ def roi_align_matmul(features: Tensor, rois: Tensor, output_size: tuple[int, int
     out_h, out_w = output_size
     height, width = features.shape[-2:]
     dtype = torch.promote_types(features.dtype, torch.float32)  # pool in float32 at least, as torchvision does
-    with torch.autocast(features.device.type, enabled=False):
+    with autocast_off(features):
         maps = features.to(dtype)
         boxes = rois[:, 1:].to(dtype) * spatial_scale
         box_w = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)
@@ -110,10 +112,7 @@ class PyramidRoIAlign(MultiScaleRoIAlign):
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = [x[name] for name in self.featmap_names]
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        if len(features) > 1:
-            levels = self.map_levels(boxes)
-        else:
-            levels = torch.zeros(len(rois), dtype=torch.long, device=rois.device)
+        levels = self.map_levels(boxes)  # all 0 with a single level
         pooled = features[0].new_zeros(len(rois), features[0].shape[1], *self.output_size)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.nonzero(levels == level).squeeze(1)
