@@ -228,6 +228,10 @@ def main(args: Sequence[str] | None = None) -> None:
     show_lattn_logs()
     # LightningCLI reads sys.argv itself when args is None (and warns if given both).
     LattnCLI(args=None if args is None else argv)
+    # Under DDP the process group outlives the run; left to the interpreter's exit, gloo's threads can be
+    # torn down mid-flight and abort a run that has finished ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
