@@ -14,6 +14,7 @@ import torch
 
 from lattn_app.attention import create_attention
 from lattn_app.bench import report
+from lattn_app.bench.measure import call_with_peak_memory
 from lattn_app.bench.attention import evaluate_targets, growth_exponent, memory_floor_bytes, parse_grid
 from lattn_app.bench.reference import ReferenceEfficientAttention
 from lattn_app.cli import main
@@ -111,6 +112,55 @@ def test_out_of_memory_is_recorded_as_a_result(tmp_path):
     assert result(document, "op:efficient", 9216)["status"] == "ok"  # O(N d) memory fits
     assert resource.getrlimit(resource.RLIMIT_DATA) == limit_before  # the cap is lifted afterwards
     assert "oom" in (tmp_path / "attention.md").read_text()
+
+
+RETAINED_AFTER_OUT_OF_MEMORY = """
+import resource, torch
+from lattn_app.bench.measure import MemoryCap, is_out_of_memory, retain_freed_memory
+assert retain_freed_memory()
+def faults_of_a_100_mb_buffer():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(100 * 2**20, dtype=torch.uint8)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+for _ in range(3):  # the heap grows to hold it (glibc takes two rounds)
+    faults_of_a_100_mb_buffer()
+assert faults_of_a_100_mb_buffer() < 1000, "freed memory is not retained"
+try:
+    with MemoryCap(2**30, torch.device("cpu")):
+        torch.empty(8 * 2**30, dtype=torch.uint8)
+    raise SystemExit("the 8 GiB allocation did not fail under a 1 GiB cap")
+except RuntimeError as error:
+    assert is_out_of_memory(error), error
+print(faults_of_a_100_mb_buffer())
+"""
+
+
+def test_freed_memory_stays_retained_after_an_allocation_fails():
+    """A point out of memory must not slow the points after it: the failed allocation must not move
+    malloc to an arena that maps (and page-faults) every big buffer anew."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", RETAINED_AFTER_OUT_OF_MEMORY], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    page_faults = int(run.stdout.split()[-1])
+    assert page_faults < 1000, f"{page_faults} page faults: the buffer was mapped anew"  # 25,600 if so
+
+
+def test_every_memory_reading_starts_from_the_state_before_each_sets():
+    """A short call is read several times; a call that frees what the previous call left (as a training
+    step frees the last gradients) must not have that freeing offset its new allocations."""
+    kept = {}
+
+    def replace_kept_tensor():
+        kept.pop("tensor", None)  # the previous call's tensor, freed inside this call
+        kept["tensor"] = torch.ones(2**20)  # 4 MiB, kept like a gradient
+        return None
+
+    _, peak = call_with_peak_memory(replace_kept_tensor, torch.device("cpu"), before_each=kept.clear)
+    assert peak == 4 * 2**20
+    _, offset = call_with_peak_memory(replace_kept_tensor, torch.device("cpu"))
+    assert offset < 4 * 2**20  # what before_each prevents: readings after the first net out the freed tensor
 
 
 def test_reference_efficient_formulation_matches_lattn_module():

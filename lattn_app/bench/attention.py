@@ -205,15 +205,19 @@ class Workload:
         raise ValueError(f"unknown operation {name!r}")
 
     def call(self, mode: str) -> Tensor:
-        """One forward (without autograd), or one forward and backward pass."""
+        """One forward (without autograd), or one forward and backward pass (after freeing the previous
+        pass's gradients, as a training step's ``zero_grad(set_to_none=True)`` does)."""
         if mode == "forward":
             with torch.no_grad():
                 return self.forward(*self.inputs)
-        for tensor in self.inputs + self.parameters:
-            tensor.grad = None
+        self.free_gradients()
         out = self.forward(*self.inputs)
         out.backward(self.grad_output)
         return out
+
+    def free_gradients(self) -> None:
+        for tensor in self.inputs + self.parameters:
+            tensor.grad = None
 
     def prepare(self, mode: str) -> None:
         training = mode != "forward"
@@ -313,7 +317,9 @@ def measure_point(workload: Workload, mode: str, settings: AttentionBenchSetting
         return sum(t.numel() * t.element_size() for t in [out, *grads])
 
     started = time.perf_counter()
-    out, peak = call_with_peak_memory(lambda: workload.call(mode), device, at_least=output_bytes)
+    # Every memory reading starts without gradients, so the peak includes the ones the backward pass writes.
+    out, peak = call_with_peak_memory(lambda: workload.call(mode), device, at_least=output_bytes,
+                                      before_each=workload.free_gradients)
     first_call_seconds = time.perf_counter() - started
     out = out.detach()
     # FLOPs in a call of their own: under the counter's dispatch mode, composite operations run decomposed

@@ -168,14 +168,19 @@ SHORT_CALL_SECONDS = 0.25  # calls shorter than this are read CPU_MEMORY_READING
 
 
 def call_with_peak_memory(fn: Callable[[], object], device: torch.device,
-                          at_least: Callable[[object], int] | None = None) -> tuple[object, int]:
+                          at_least: Callable[[object], int] | None = None,
+                          before_each: Callable[[], None] | None = None) -> tuple[object, int]:
     """Call `fn`; return its result and the peak bytes it allocated beyond those allocated before.
     On CPU its allocations come from the system (:func:`fresh_allocations`), so that a memory cap binds,
     and `fn` may be called up to CPU_MEMORY_READINGS times (see the module docstring).
 
     `at_least(result)` is a floor any true peak reaches (e.g. the bytes of a tensor `fn` creates and
     returns): on CPU a lower reading means the profiler lost events, and the call is measured again.
+    `before_each()` runs before every call, outside the reading, so that each reading starts from the
+    same state (e.g. no gradients left by the previous call, whose freeing would offset the new ones).
     """
+    if before_each is not None:
+        before_each()
     if device.type == "cuda":
         synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -185,7 +190,9 @@ def call_with_peak_memory(fn: Callable[[], object], device: torch.device,
         return result, torch.cuda.max_memory_allocated(device) - before
     activities = [torch.profiler.ProfilerActivity.CPU]
     complete_readings, peak = [], None
-    for _attempt in range(CPU_MEMORY_READINGS):
+    for attempt in range(CPU_MEMORY_READINGS):
+        if attempt and before_each is not None:
+            before_each()
         started = time.perf_counter()
         with fresh_allocations(), _quiet_stderr(), \
                 torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
@@ -397,7 +404,7 @@ def machine_description(device: torch.device) -> dict[str, object]:
     return info
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters of <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters of <malloc.h>
 _RETAIN = {"mmap": 2**30, "trim": 2**31 - 1}
 _RELEASE = {"mmap": 128 * 1024, "trim": 128 * 1024}  # glibc's initial values
 _libc: object | None = None  # set once freed memory is retained
@@ -418,7 +425,12 @@ def retain_freed_memory() -> bool:
     that reuses memory (jemalloc, tcmalloc) for this reason; raising the mmap and trim thresholds makes
     glibc do the same. It applies to every case of a run alike; :func:`fresh_allocations` suspends it
     for the calls whose memory is measured under a :class:`MemoryCap`. Returns whether it was applied
-    (only on Linux with glibc)."""
+    (only on Linux with glibc).
+
+    malloc is also held to one arena: when an allocation fails (a point out of memory under the cap),
+    glibc retries it in a new arena and keeps the thread there, and a secondary arena serves every block
+    over 64 MB with a fresh mmap again. Every later point of the run then page-faulted its big buffers
+    on each call (measured: ~1.35x slower at N=65,536 after one failed allocation)."""
     global _libc
     import ctypes
     import ctypes.util
@@ -431,7 +443,7 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):
         _libc = None
         return False
-    if not _set_malloc(_RETAIN):
+    if not _set_malloc(_RETAIN) or not _libc.mallopt(_M_ARENA_MAX, 1):
         _libc = None
         return False
     return True
