@@ -248,6 +248,13 @@ def test_care_block_form_uses_the_input_as_values_without_projection():
     torch.testing.assert_close(module(x, hw=(3, 4)), out.transpose(1, 2).flatten(2))
 
 
+def test_care_gradients_match_numerical_derivatives():
+    """CARE's attend works in place on its intermediate tensors: the gradients must still be exact."""
+    module = build("care", dim=8, num_heads=2, prefix=0).double()
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: module.attend(q, k, v, (2, 3), (2, 3)), (q, k, v))
+
+
 # ---------------------------------------------------------------- fnet
 
 
