@@ -50,7 +50,10 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
 
 
 def at_least_float32(t: Tensor) -> Tensor:
-    """t in fp32 if it is in a half-precision type (bf16, fp16); fp32 and fp64 stay as they are."""
+    """t in fp32 if it is in a half-precision type (bf16, fp16); fp32 and fp64 stay as they are (without
+    a call into torch: at small N every call's few microseconds count)."""
+    if t.dtype in (torch.float32, torch.float64):
+        return t
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -177,7 +180,8 @@ class QKVAttention(TokenMixer):
         if self.compute_in_float32:
             with autocast_off(x):
                 out = self.attend(at_least_float32(q), at_least_float32(k), at_least_float32(v), hw, kv_hw)
-            out = out.to(v.dtype)
+            if out.dtype != v.dtype:
+                out = out.to(v.dtype)
         else:
             out = self.attend(q, k, v, hw, kv_hw)
         if context is None:

@@ -42,6 +42,32 @@ def real_part_of_fft2(x: Tensor, norm: str) -> Tensor:
     return torch.cat([half, mirrored], dim=-1)
 
 
+def real_part_of_fft(x: Tensor, dims: tuple[int, ...], norm: str) -> Tensor:
+    """Re(FFT over `dims`) of a real x, by the fastest route for its size (no autograd of its own)."""
+    if dims == (-2, -1) and x.shape[-2] * x.shape[-1] >= REAL_INPUT_MIN_ELEMENTS:
+        return real_part_of_fft2(x, norm)
+    return torch.fft.fftn(x, dim=dims, norm=norm).real
+
+
+class RealPartOfFFT(torch.autograd.Function):
+    """Re(FFT over `dims`) of a real x, with the same transform as its backward pass.
+
+    The map is its own adjoint: a multi-dimensional DFT is a product of symmetric DFT matrices K, and for
+    real X and G, <G, Re(K X)> = Re <K^T G, X> = <Re(K G), X> (the same normalisation on both sides).
+    So the gradient is Re(FFT(grad)): one real-to-real transform, where autograd would chain the complex
+    FFTs' backward passes and hold full complex spectra (about 1.7x the memory).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dims: tuple[int, ...], norm: str) -> Tensor:
+        ctx.dims, ctx.norm = dims, norm
+        return real_part_of_fft(x, dims, norm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return RealPartOfFFT.apply(grad.contiguous(), ctx.dims, ctx.norm), None, None
+
+
 @ATTENTIONS.register(
     "fnet",
     description="FNet: parameter-free Fourier mixing, 1D over the sequence or 2D over the grid",
@@ -60,17 +86,18 @@ class FNetMixer(TokenMixer):
     def mix(self, x: Tensor, hw: Grid | None, context: Tensor | None, context_hw: Grid | None) -> Tensor:
         with autocast_off(x):
             out = self.fourier(at_least_float32(x), hw)
-        return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def fourier(self, x: Tensor, hw: Grid | None) -> Tensor:
+        # Without a gradient to compute, the transform is called directly: a Function's apply costs
+        # ~10 us, 4% of a call at N=196.
+        transform = RealPartOfFFT.apply if torch.is_grad_enabled() and x.requires_grad else real_part_of_fft
         if self.mode == "1d":
-            if x.shape[-2] * x.shape[-1] < REAL_INPUT_MIN_ELEMENTS:
-                return torch.fft.fft2(x, dim=(-2, -1), norm=self.fft_norm).real
-            return real_part_of_fft2(x, self.fft_norm)
+            return transform(x, (-2, -1), self.fft_norm)
         assert hw is not None
         prefix = num_prefix(x.shape[1], hw)
         grid = x[:, prefix:].unflatten(1, hw)  # (B, H, W, C)
-        mixed = torch.fft.fftn(grid, dim=(1, 2, 3), norm=self.fft_norm).real.flatten(1, 2)
+        mixed = transform(grid, (1, 2, 3), self.fft_norm).flatten(1, 2)
         if prefix == 0:
             return mixed
         # Zero frequency of the whole sequence, scaled like the "1d" transform's first row.
