@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from lattn_app.attention import fnet
+from lattn_app.attention.base import QKVAttention
 from lattn_app.attention.nystrom import newton_pinv, segment_means
 from lattn_app.attention.rope import RotaryEmbedding2D
 
@@ -254,6 +255,52 @@ def test_care_gradients_match_numerical_derivatives():
     module = build("care", dim=8, num_heads=2, prefix=0).double()
     q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(lambda q, k, v: module.attend(q, k, v, (2, 3), (2, 3)), (q, k, v))
+
+
+# ---------------------------------------------------------------- linformer
+
+
+def linformer_formula(module, x, context=None):
+    """softmax(q (E k)^T / sqrt(d)) (F v) with k, v projected token by token, prefix tokens kept."""
+    q, _, _ = heads(module, x)
+    _, k, v = heads(module, x if context is None else context)
+    prefix = k.shape[2] - module.key_projection.shape[1]
+    k = torch.cat([k[:, :, :prefix], module.key_projection @ k[:, :, prefix:]], dim=2)
+    v = torch.cat([v[:, :, :prefix], module.value_projection @ v[:, :, prefix:]], dim=2)
+    return merge(module, exact_softmax_attention(q, k, v))
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_linformer_compressing_before_projecting_equals_the_formula(prefix):
+    """lattn compresses x before the key/value projection; the paper projects first. Equal, bias included,
+    in self- and cross-attention, and the RoPE path (which projects first) agrees without rotation."""
+    module = build("linformer", dim=32, num_heads=2, hw=(3, 4), prefix=prefix).double()
+    torch.nn.init.normal_(module.qkv.bias)
+    x = torch.randn(2, prefix + 12, 32, dtype=torch.float64)
+    context = torch.randn(2, prefix + 12, 32, dtype=torch.float64)
+    torch.testing.assert_close(module(x, hw=(3, 4)), linformer_formula(module, x))
+    torch.testing.assert_close(module(x, hw=(3, 4), context=context, context_hw=(3, 4)),
+                               linformer_formula(module, x, context))
+    projected_first = QKVAttention.mix(module, x, (3, 4), None, None)  # project, then attend's compression
+    torch.testing.assert_close(module(x, hw=(3, 4)), projected_first)
+
+
+def test_linformer_gradients_match_numerical_derivatives():
+    module = build("linformer", dim=8, num_heads=2, hw=(2, 3), prefix=1, k=4).double()
+    x = torch.randn(1, 7, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *weights: module(x, hw=(2, 3)), (x, *module.parameters()))
+
+
+def test_linformer_trains_under_bf16_autocast_with_fp32_gradients_close_to_fp32():
+    module = build("linformer", dim=32, num_heads=2, hw=(4, 5), prefix=1)
+    x = torch.randn(2, 21, 32, requires_grad=True)
+    expected = torch.autograd.grad(module(x, hw=(4, 5)).square().sum(), [x, *module.parameters()])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x, hw=(4, 5))
+    grads = torch.autograd.grad(out.float().square().sum(), [x, *module.parameters()])
+    for (name, _), got, want in zip([("x", x), *module.named_parameters()], grads, expected):
+        assert got.dtype == torch.float32, name
+        assert (got - want).norm() <= 0.05 * want.norm(), name
 
 
 # ---------------------------------------------------------------- fnet

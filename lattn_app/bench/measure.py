@@ -19,8 +19,9 @@
   any operation's time from below by max(FLOPs / FLOP/s, bytes / bandwidth). The attention benchmark
   probes them again at every N and keeps the best reading (a busy machine only lowers a probe).
 - **Freed memory** is kept for reuse on CPU (:func:`retain_freed_memory`, as jemalloc or tcmalloc would),
-  so that calls at large N do not page-fault fresh buffers every time; the calls whose memory is
-  measured allocate from the system again (:func:`fresh_allocations`), so that a memory cap binds.
+  so that calls at large N do not page-fault fresh buffers every time, also after a point that ran out
+  of memory; the calls whose memory is measured allocate from the system again
+  (:func:`fresh_allocations`), so that a memory cap binds.
 - **Shared machines**: short points are repeated until they have run for a while and the fastest call
   is kept next to the median; lattn's mechanisms and their reference formulations are timed call by
   call in alternation (:func:`time_side_by_side`).
