@@ -3,6 +3,10 @@
 out = softmax(q (E k)^T / sqrt(d)) (F v) with learned projections E, F in R^{k x HW} that compress
 the H*W grid keys and values to k rows (k = 64 by default), so the map is N x k.
 
+Without RoPE, E and F compress the tokens before the key and value projections (the same result by
+associativity, with far fewer FLOPs and no N x C keys and values); with RoPE the keys are rotated token
+by token, so they are projected first.
+
 E and F tie the layer to the grid it was built for (``grid_size``). Prefix tokens (class token) are not
 projected: their keys and values join the k compressed rows, so every query still sees them directly.
 On another grid, ``on_other_grid="resample"`` (default) bilinearly resamples E and F over (H, W) and
