@@ -102,18 +102,11 @@ class LinformerAttention(QKVAttention):
         self.value_projection = nn.Parameter(torch.randn(k, num_tokens) * k**-0.5)  # F
 
     def compress(self, t: Tensor, projection: Tensor, hw: Grid) -> Tensor:
-        """[prefix tokens ; projection @ grid tokens] for t (B, h, N, d)."""
-        prefix = num_prefix(t.shape[-2], hw)
-        projection = resample_grid_weight(
-            projection, self.grid_size, hw, grid_dim=1, preserve_sum=True,
-            mechanism="linformer", policy=self.on_other_grid,
-        )
-        # All heads in one product: (k, HW) @ (B, HW, h*d), where (B, HW, h*d) is a view of the qkv
-        # projection's output (per-head slices of it would each be copied to be multiplied).
+        """[prefix tokens ; projection @ grid tokens] for per-head t (B, h, N, d): the RoPE path, whose keys
+        and values are projected (and rotated) before they are compressed."""
         heads, head_dim = t.shape[1], t.shape[-1]
-        grid_tokens = t[..., prefix:, :].transpose(1, 2).flatten(2)
-        compressed = (projection.to(t.dtype) @ grid_tokens).unflatten(-1, (heads, head_dim)).transpose(1, 2)
-        return torch.cat([t[..., :prefix, :], compressed], dim=-2) if prefix else compressed
+        rows, _ = self.compress_tokens(t.transpose(1, 2).flatten(2), hw, projection)
+        return rows.unflatten(-1, (heads, head_dim)).transpose(1, 2)
 
     def mix(self, x: Tensor, hw: Grid | None, context: Tensor | None, context_hw: Grid | None) -> Tensor:
         """Keys and values compressed before they are projected: E (X W^T + 1 b^T) = (E X) W^T + (E 1) b^T,
