@@ -288,7 +288,27 @@ def test_linformer_compressing_before_projecting_equals_the_formula(prefix):
 def test_linformer_gradients_match_numerical_derivatives():
     module = build("linformer", dim=8, num_heads=2, hw=(2, 3), prefix=1, k=4).double()
     x = torch.randn(1, 7, 8, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(1, 7, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *weights: module(x, hw=(2, 3)), (x, *module.parameters()))
+    assert torch.autograd.gradcheck(lambda x, context, *weights: module(x, hw=(2, 3), context=context,
+                                                                        context_hw=(2, 3)),
+                                    (x, context, *module.parameters()))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linformer_backward_through_a_retained_graph_gives_the_same_gradients(autocast):
+    """The first backward pass frees the compressed key and value rows once used; a second one through
+    the retained graph recomputes them (under autocast as the forward pass ran) and must agree."""
+    module = build("linformer", dim=32, num_heads=2, hw=(4, 5), prefix=1)
+    torch.nn.init.normal_(module.qkv.bias)
+    x = torch.randn(2, 21, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = module(x, hw=(4, 5)).float().square().sum()
+    inputs = [x, *module.parameters()]
+    first = torch.autograd.grad(loss, inputs, retain_graph=True)
+    second = torch.autograd.grad(loss, inputs)
+    for (name, _), got, want in zip([("x", x), *module.named_parameters()], second, first):
+        torch.testing.assert_close(got, want, msg=name)
 
 
 def test_linformer_trains_under_bf16_autocast_with_fp32_gradients_close_to_fp32():
