@@ -346,7 +346,10 @@ def test_backbone_benchmark_reports_speed_memory_and_complexity(tmp_path, capsys
     for row in rows.values():
         assert row["status"] == "ok"
         assert row["inference_images_per_s"] > 0 and row["training_images_per_s"] > 0
-        assert row["training_peak_bytes"] > 0 and row["params_m"] > 0 and row["gmacs"] > 0
+        assert row["params_m"] > 0 and row["gmacs"] > 0
+        # A training step's peak includes the gradients it writes (each reading starts without them).
+        assert row["training_peak_bytes"] >= 0.99 * row["params_m"] * 1e6 * 4 and row["note"] == ""
+        assert row["inference_peak_bytes"] > 0
     assert rows["softmax"]["training_speedup_vs_softmax"] == 1.0
     assert "train img/s" in capsys.readouterr().out
 

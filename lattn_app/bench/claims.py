@@ -27,11 +27,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import report
-from .backbone import build_network, training_step
+from .backbone import build_network, training_step, training_step_peak
 from .measure import (
     MemoryCap,
     memory_limit_bytes,
-    call_with_peak_memory,
     is_out_of_memory,
     machine_description,
     resolve_device,
@@ -46,12 +45,10 @@ XFORMERS = ("performer", "linformer", "nystrom", "fnet", "mixer")
 
 
 def training_memory(model: nn.Module, step: Callable[[], object], device: torch.device) -> int:
-    """Weights + gradients + peak extra memory of one training step (measured on the second step)."""
+    """Weights + the peak memory of one training step, its gradients included."""
     model.train()
-    step()  # allocates the gradients
-    _, peak = call_with_peak_memory(step, device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 2 * weights + peak
+    return weights + training_step_peak(model, step, device)
 
 
 def classifier_memory(backbone: str, attention: str, options: dict[str, Any] | None, size: int, batch: int,
