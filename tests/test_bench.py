@@ -8,13 +8,14 @@ import json
 import math
 import resource
 import sys
+import time
 
 import pytest
 import torch
 
 from lattn_app.attention import create_attention
 from lattn_app.bench import report
-from lattn_app.bench.measure import call_with_peak_memory
+from lattn_app.bench.measure import Timing, call_with_peak_memory, paired_ratio, time_side_by_side
 from lattn_app.bench.attention import evaluate_targets, growth_exponent, memory_floor_bytes, parse_grid
 from lattn_app.bench.reference import ReferenceEfficientAttention
 from lattn_app.cli import main
@@ -278,6 +279,25 @@ def test_reference_targets_use_the_alternated_timing_and_every_point():
     assert targets["reference efficient"]["measured"].startswith("time 0.90-0.90x")
     assert targets["reference performer"]["passed"] is False
     assert "memory 0.50-1.05x (worst at N=4096 forward+backward)" in targets["reference performer"]["measured"]
+
+
+def test_alternated_timing_compares_round_by_round():
+    """The paired ratio is the median of each round's ratio: a load that changes between rounds cancels
+    out, and one round disturbed between its two calls is outvoted."""
+    calls = [lambda: time.sleep(0.002), lambda: time.sleep(0.001)]
+    ours, reference = time_side_by_side(calls, torch.device("cpu"), warmup=0, repeats=4)
+    assert len(ours.calls) == len(reference.calls) == ours.repeats == 4
+    assert paired_ratio(ours, reference) > 1.3
+    # The machine slows down from round 3 on, and the load lifts for the reference's call in round 4 only:
+    # the fastest calls' ratio (1.0 / 0.8 = 1.25) would say ours is slower; the rounds' median does not.
+    ours = Timing(2.0, 1.0, 2.0, 5, (1.0, 1.0, 2.0, 2.0, 2.0))
+    reference = Timing(2.2, 0.8, 2.2, 5, (1.1, 1.1, 2.2, 0.8, 2.2))
+    assert paired_ratio(ours, reference) == pytest.approx(1.0 / 1.1)
+    records = [_record("efficient", 1024, "forward", 0.012),
+               dict(_record("reference:efficient", 1024, "forward", 0.010), paired_ours_fastest_s=0.009,
+                    paired_reference_fastest_s=0.010, paired_time_ratio=1.2)]
+    target = {t["target"]: t for t in evaluate_targets(records)}["reference efficient"]
+    assert target["passed"] is False and target["measured"].startswith("time 1.20-1.20x")
 
 
 def test_memory_readings_below_their_floor_are_not_compared():

@@ -33,6 +33,7 @@ from .measure import (
     resolve_device,
     retain_freed_memory,
     set_threads,
+    tensor_bytes,
     time_calls,
 )
 
@@ -71,7 +72,7 @@ def training_step(model: nn.Module, images: Tensor, labels: Tensor, optimizer: t
 
 
 def gradient_bytes(model: nn.Module) -> int:
-    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    return tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
 
 
 def training_step_peak(model: nn.Module, step: Callable[[], object], device: torch.device) -> int:
@@ -102,7 +103,7 @@ def measure_network(model: nn.Module, images: Tensor, labels: Tensor, device: to
             return model(images)
 
     def output_bytes(out: Tensor) -> int:  # a floor of the inference peak: the call allocates its output
-        return out.numel() * out.element_size()
+        return tensor_bytes([out])
 
     logits, inference_memory = call_with_peak_memory(infer, device, at_least=output_bytes)
     inference = time_calls(infer, device, warmup=1, repeats=repeats, budget_seconds=point_seconds)

@@ -35,6 +35,7 @@ from .measure import (
     machine_description,
     resolve_device,
     set_threads,
+    tensor_bytes,
 )
 
 # Image sizes of the measurements: the papers' settings, and smaller ones for --quick.
@@ -47,8 +48,7 @@ XFORMERS = ("performer", "linformer", "nystrom", "fnet", "mixer")
 def training_memory(model: nn.Module, step: Callable[[], object], device: torch.device) -> int:
     """Weights + the peak memory of one training step, its gradients included."""
     model.train()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights + training_step_peak(model, step, device)
+    return tensor_bytes(model.parameters()) + training_step_peak(model, step, device)
 
 
 def classifier_memory(backbone: str, attention: str, options: dict[str, Any] | None, size: int, batch: int,

@@ -24,7 +24,8 @@
   (:func:`fresh_allocations`), so that a memory cap binds.
 - **Shared machines**: short points are repeated until they have run for a while and the fastest call
   is kept next to the median; lattn's mechanisms and their reference formulations are timed call by
-  call in alternation (:func:`time_side_by_side`).
+  call in alternation (:func:`time_side_by_side`), and compared by the median of the rounds' time
+  ratios (:func:`paired_ratio`).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 
 from ..backbones.base import _EXTRA_FLOP_FORMULAS
@@ -74,6 +76,7 @@ class Timing:
     fastest: float
     slowest: float
     repeats: int
+    calls: tuple[float, ...] = ()  # every timed call's seconds, in order (from :func:`time_side_by_side`)
 
 
 def time_calls(
@@ -126,7 +129,14 @@ def time_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device,
         rounds += 1
         if rounds >= min_repeats and sum(map(sum, seconds)) >= budget_seconds:
             break
-    return [Timing(statistics.median(t), min(t), max(t), len(t)) for t in seconds]
+    return [Timing(statistics.median(t), min(t), max(t), len(t), tuple(t)) for t in seconds]
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> float:
+    """The median over the rounds of :func:`time_side_by_side` of the ratio of two calls timed side by
+    side: each round's two calls ran moments apart, so a change in load between rounds cancels out, and
+    a round in which the load changed between the two calls is outvoted by the others."""
+    return statistics.median(a / b for a, b in zip(numerator.calls, denominator.calls, strict=True))
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -162,6 +172,11 @@ def _cpu_peak_from_profile(profiler: torch.profiler.profile) -> int | None:
         running += event.nbytes()
         peak = max(peak, running)
     return peak
+
+
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    """The bytes of the tensors' elements."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 CPU_MEMORY_READINGS = 3  # the most calls one CPU memory reading makes (see the module docstring)
@@ -356,7 +371,7 @@ def measure_roofline(device: torch.device, dtype: torch.dtype, matmul_size: int 
     source = torch.ones(numel, device=device, dtype=dtype)
     target = torch.empty_like(source)
     copy = time_calls(lambda: target.copy_(source), device, warmup=1, repeats=repeats)
-    moved = 2 * source.numel() * source.element_size()  # read once, written once
+    moved = 2 * tensor_bytes([source])  # read once, written once
     return Roofline(
         dtype=str(dtype).removeprefix("torch."),
         matmul_flops_per_second=2 * matmul_size**3 / matmul.fastest,
