@@ -284,7 +284,7 @@ def test_reference_targets_use_the_alternated_timing_and_every_point():
 def test_alternated_timing_compares_round_by_round():
     """The paired ratio is the median of each round's ratio: a load that changes between rounds cancels
     out, and one round disturbed between its two calls is outvoted."""
-    calls = [lambda: time.sleep(0.002), lambda: time.sleep(0.001)]
+    calls = [lambda: time.sleep(0.02), lambda: time.sleep(0.01)]
     ours, reference = time_side_by_side(calls, torch.device("cpu"), warmup=0, repeats=4)
     assert len(ours.calls) == len(reference.calls) == ours.repeats == 4
     assert paired_ratio(ours, reference) > 1.3

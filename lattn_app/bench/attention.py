@@ -36,6 +36,7 @@ from ..attention.efficient import efficient_attention
 from . import report
 from .measure import (
     DTYPES,
+    LOST_EVENTS_NOTE,
     MemoryCap,
     Roofline,
     memory_limit_bytes,
@@ -418,8 +419,7 @@ class AttentionSweep:
             if record["status"] == "ok":  # against the best roofline probe of the whole run
                 roofline_values(record, self.rooflines[record["dtype"]])
                 if not memory_is_trusted(record):  # still below its floor after call_with_peak_memory's tries
-                    lost = "memory reading incomplete (the profiler lost allocation events)"
-                    record["note"] = "; ".join(filter(None, [record["note"], lost]))
+                    record["note"] = "; ".join(filter(None, [record["note"], LOST_EVENTS_NOTE]))
         return records
 
     def point(self, case: Case, hw: tuple[int, int], dtype: str, mode: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ..registry import BACKBONES
 from . import report
 from .measure import (
     DTYPES,
+    LOST_EVENTS_NOTE,
     MemoryCap,
     memory_limit_bytes,
     call_with_peak_memory,
@@ -87,9 +88,6 @@ def training_step_peak(model: nn.Module, step: Callable[[], object], device: tor
     _, peak = call_with_peak_memory(step, device, at_least=lambda _: gradient_bytes(model),
                                     before_each=lambda: model.zero_grad(set_to_none=True))
     return peak
-
-
-LOST_EVENTS_NOTE = "memory reading incomplete (the profiler lost allocation events)"
 
 
 def measure_network(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device, repeats: int,

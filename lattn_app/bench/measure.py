@@ -179,6 +179,8 @@ def tensor_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# The note on a point whose CPU memory reading stayed below its floor (see call_with_peak_memory).
+LOST_EVENTS_NOTE = "memory reading incomplete (the profiler lost allocation events)"
 CPU_MEMORY_READINGS = 3  # the most calls one CPU memory reading makes (see the module docstring)
 SHORT_CALL_SECONDS = 0.25  # calls shorter than this are read CPU_MEMORY_READINGS times
 
