@@ -79,12 +79,8 @@ class ProjectQueriesAndCompressedRows(torch.autograd.Function):
         kept_rows, ctx.compressed_rows = ctx.compressed_rows, None  # None: this graph ran backward before
 
         def compressed_rows_again(projection: Tensor) -> Tensor:  # as the forward pass's caller did
-            if ctx.autocast_dtype is None:
-                with autocast_off(weight):
-                    rows = compressed_rows(source, projection, ctx.prefix)
-            else:
-                with torch.autocast(weight.device.type, dtype=ctx.autocast_dtype):
-                    rows = compressed_rows(source, projection, ctx.prefix)
+            with torch.autocast(weight.device.type, dtype=ctx.autocast_dtype, enabled=ctx.autocast_dtype is not None):
+                rows = compressed_rows(source, projection, ctx.prefix)
             return rows.to(weight.dtype)  # the dtype the forward pass multiplied in
 
         grad_weight = None
