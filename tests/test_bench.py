@@ -288,6 +288,11 @@ def test_alternated_timing_compares_round_by_round():
     ours, reference = time_side_by_side(calls, torch.device("cpu"), warmup=0, repeats=4)
     assert len(ours.calls) == len(reference.calls) == ours.repeats == 4
     assert paired_ratio(ours, reference) > 1.3
+    # Every other round runs the calls in reverse order, so neither always pays for coming first.
+    order: list[str] = []
+    time_side_by_side([lambda: order.append("a"), lambda: order.append("b")], torch.device("cpu"), warmup=0,
+                      repeats=4)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
     # The machine slows down from round 3 on, and the load lifts for the reference's call in round 4 only:
     # the fastest calls' ratio (1.0 / 0.8 = 1.25) would say ours is slower; the rounds' median does not.
     ours = Timing(2.0, 1.0, 2.0, 5, (1.0, 1.0, 2.0, 2.0, 2.0))

@@ -91,7 +91,9 @@ class NystromAttention(QKVAttention):
         kernel_2 = torch.softmax(q_landmarks @ k_landmarks.transpose(-2, -1), dim=-1)  # (B, h, m, m)
         kernel_3 = torch.softmax(q_landmarks @ k.transpose(-2, -1), dim=-1)  # (B, h, m, N)
         kernel_1 = nn.functional.dropout(kernel_1, self.attn_drop, self.training)
-        return (kernel_1 @ newton_pinv(kernel_2, self.pinv_iterations)) @ (kernel_3 @ v)
+        # kernel_1 (N x m) meets the m x d product last: N m d multiplications instead of the N m^2 + N m d
+        # of (kernel_1 @ pinv) @ (kernel_3 @ v), and backward keeps no N x m product of kernel_1 and pinv.
+        return kernel_1 @ (newton_pinv(kernel_2, self.pinv_iterations) @ (kernel_3 @ v))
 
     def local_term(self, v: Tensor, hw: Grid | None) -> Tensor | None:
         return None if self.residual_conv is None else self.residual_conv(v)

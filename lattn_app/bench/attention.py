@@ -358,6 +358,12 @@ def roofline_values(record: dict[str, Any], roofline: Roofline) -> dict[str, Any
     return record
 
 
+# Rounds a pair gets while its budget (--point-seconds) lasts: the target is passed or failed on the
+# median of the rounds' ratios, and on the 6 to 7 rounds that 1 s bought at N=1024 forward+backward
+# (about 90 ms a call) that median moved by up to 8% between runs of the same pair.
+PAIR_ROUNDS = 15
+
+
 def measure_pair(reference: Workload, ours: Workload, mode: str, settings: AttentionBenchSettings,
                  warm: bool) -> dict[str, Any]:
     """lattn's case and its reference formulation timed in alternation, call by call: their time ratio,
@@ -366,7 +372,8 @@ def measure_pair(reference: Workload, ours: Workload, mode: str, settings: Atten
     reference.prepare(mode)
     ours_timing, reference_timing = time_side_by_side(
         [lambda: ours.call(mode), lambda: reference.call(mode)], settings.device,
-        warmup=0 if warm else settings.warmup, repeats=settings.repeats, budget_seconds=settings.point_seconds,
+        warmup=0 if warm else settings.warmup, repeats=max(settings.repeats, PAIR_ROUNDS),
+        budget_seconds=settings.point_seconds,
         min_seconds=min(1.0, settings.point_seconds / 4),
     )
     return {"paired_case": ours.case.label, "paired_ours_fastest_s": ours_timing.fastest,

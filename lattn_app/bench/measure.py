@@ -111,9 +111,11 @@ def time_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device,
                       repeats: int = 5, min_repeats: int = 3, budget_seconds: float = math.inf,
                       min_seconds: float = 0.0, max_rounds: int = 200) -> list[Timing]:
     """Time several calls in alternation: every round calls each of `fns` once, so that a change in the
-    load of a shared machine slows all of them alike and their ratio stays true. Short calls get more
-    rounds: they go on (up to `max_rounds`) until the timed calls took `min_seconds` in all, so that the
-    fastest call of each is not one lucky or unlucky millisecond."""
+    load of a shared machine slows all of them alike and their ratio stays true. Every other round calls
+    them in reverse order, so that whatever the first call of a round pays for (caches, memory that the
+    previous call's frees left to reuse) falls on each of them alike. Short calls get more rounds: they go
+    on (up to `max_rounds`) until the timed calls took `min_seconds` in all, so that the fastest call of
+    each is not one lucky or unlucky millisecond."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -121,7 +123,8 @@ def time_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device,
     seconds: list[list[float]] = [[] for _ in fns]
     rounds = 0
     while rounds < repeats or (sum(map(sum, seconds)) < min_seconds and rounds < max_rounds):
-        for fn, times in zip(fns, seconds):
+        order = list(zip(fns, seconds))
+        for fn, times in order if rounds % 2 == 0 else reversed(order):
             start = time.perf_counter()
             fn()
             synchronize(device)
