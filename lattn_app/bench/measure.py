@@ -7,8 +7,9 @@
   records every allocation and free of torch's CPU allocator; their running sum, at its maximum, is the
   peak. Both see torch's own allocations (kernels' workspaces included), not the Python heap. The
   profiler now and then loses events, which lowers a reading, and a first call can make one-time
-  allocations, which raise it: a reading below the call's output and gradients is taken again, and a
-  short call (under SHORT_CALL_SECONDS) is read three times and its middle reading kept.
+  allocations, which raise it: a CPU call is read until two readings agree (a call allocates the same
+  on every repeat), up to CPU_MEMORY_READINGS times, and a reading below the call's output and
+  gradients does not count.
 - **FLOPs**: ``torch.utils.flop_counter`` (matrix products, convolutions, attention kernels; element-wise
   work such as softmax and exp is not counted), forward and backward.
 - **Out of memory** is a result: a call that fails to allocate (CUDA's OutOfMemoryError, CPU's
@@ -184,8 +185,7 @@ def tensor_bytes(tensors: Iterable[Tensor]) -> int:
 
 # The note on a point whose CPU memory reading stayed below its floor (see call_with_peak_memory).
 LOST_EVENTS_NOTE = "memory reading incomplete (the profiler lost allocation events)"
-CPU_MEMORY_READINGS = 3  # the most calls one CPU memory reading makes (see the module docstring)
-SHORT_CALL_SECONDS = 0.25  # calls shorter than this are read CPU_MEMORY_READINGS times
+CPU_MEMORY_READINGS = 4  # the most calls one CPU memory reading makes (see the module docstring)
 
 
 def call_with_peak_memory(fn: Callable[[], object], device: torch.device,
@@ -193,10 +193,12 @@ def call_with_peak_memory(fn: Callable[[], object], device: torch.device,
                           before_each: Callable[[], None] | None = None) -> tuple[object, int]:
     """Call `fn`; return its result and the peak bytes it allocated beyond those allocated before.
     On CPU its allocations come from the system (:func:`fresh_allocations`), so that a memory cap binds,
-    and `fn` may be called up to CPU_MEMORY_READINGS times (see the module docstring).
+    and `fn` is called until two readings agree, at most CPU_MEMORY_READINGS times: one that lost
+    events (lower) or made one-time allocations (higher) is outvoted; without agreement the middle
+    reading is kept.
 
     `at_least(result)` is a floor any true peak reaches (e.g. the bytes of a tensor `fn` creates and
-    returns): on CPU a lower reading means the profiler lost events, and the call is measured again.
+    returns): on CPU a lower reading means the profiler lost events, and it does not count.
     `before_each()` runs before every call, outside the reading, so that each reading starts from the
     same state (e.g. no gradients left by the previous call, whose freeing would offset the new ones).
     """
@@ -214,17 +216,15 @@ def call_with_peak_memory(fn: Callable[[], object], device: torch.device,
     for attempt in range(CPU_MEMORY_READINGS):
         if attempt and before_each is not None:
             before_each()
-        started = time.perf_counter()
         with fresh_allocations(), _quiet_stderr(), \
                 torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
             result = fn()
-        seconds = time.perf_counter() - started
         with _quiet_stderr():
             peak = _cpu_peak_from_profile(profiler)
         if peak is not None and (at_least is None or peak >= at_least(result)):
+            if any(math.isclose(peak, earlier, rel_tol=0.01) for earlier in complete_readings):
+                return result, peak
             complete_readings.append(peak)
-            if seconds > SHORT_CALL_SECONDS:  # a long call is read once (when its reading is complete)
-                break
     return result, statistics.median_high(complete_readings) if complete_readings else (peak or 0)
 
 
