@@ -277,6 +277,11 @@ class AttentionBenchSettings:
     memory_limit_bytes: int | None = None
     seed: int = 0
 
+    @property
+    def short_point_seconds(self) -> float:
+        """Short points (and pairs) are repeated until their timed calls took this long in all."""
+        return min(1.0, self.point_seconds / 4)
+
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["sizes"] = [f"{h}x{w}" for h, w in self.sizes]
@@ -334,7 +339,7 @@ def measure_point(workload: Workload, mode: str, settings: AttentionBenchSetting
     # A call that took over a second is warm after these two.
     warmup = settings.warmup if first_call_seconds < 1.0 else 0
     timing = time_calls(lambda: workload.call(mode), device, warmup=warmup, repeats=settings.repeats,
-                        budget_seconds=settings.point_seconds, min_seconds=min(1.0, settings.point_seconds / 4))
+                        budget_seconds=settings.point_seconds, min_seconds=settings.short_point_seconds)
     values = {
         "time_median_s": timing.median, "time_fastest_s": timing.fastest, "time_slowest_s": timing.slowest,
         "repeats": timing.repeats, "peak_memory_bytes": peak, "flops": flops,
@@ -374,7 +379,7 @@ def measure_pair(reference: Workload, ours: Workload, mode: str, settings: Atten
         [lambda: ours.call(mode), lambda: reference.call(mode)], settings.device,
         warmup=0 if warm else settings.warmup, repeats=max(settings.repeats, PAIR_ROUNDS),
         budget_seconds=settings.point_seconds,
-        min_seconds=min(1.0, settings.point_seconds / 4),
+        min_seconds=settings.short_point_seconds,
     )
     return {"paired_case": ours.case.label, "paired_ours_fastest_s": ours_timing.fastest,
             "paired_reference_fastest_s": reference_timing.fastest,

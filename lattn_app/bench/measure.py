@@ -122,9 +122,9 @@ def time_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device,
             fn()
     synchronize(device)
     seconds: list[list[float]] = [[] for _ in fns]
+    order = list(zip(fns, seconds))
     rounds = 0
     while rounds < repeats or (sum(map(sum, seconds)) < min_seconds and rounds < max_rounds):
-        order = list(zip(fns, seconds))
         for fn, times in order if rounds % 2 == 0 else reversed(order):
             start = time.perf_counter()
             fn()
