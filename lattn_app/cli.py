@@ -16,11 +16,11 @@ import json
 import logging
 import os
 import sys
-from inspect import signature
 from pathlib import Path
 from collections.abc import Sequence
 
 import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from . import __version__, callbacks, data, tasks  # noqa: F401 (tasks, datamodules, callbacks by short class name)
@@ -32,9 +32,10 @@ from .tasks.record import checkpoint_mismatch
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 42
-# (datamodule attribute, model argument) pairs the CLI fills in from the datamodule.
+# (datamodule attribute, model argument) pairs the CLI fills in from the datamodule: facts of the data
+# that the model cannot be trained without. What the model owns but may take from the data when unset
+# (StereoTask.max_disparity) is filled by LattnTask.fill_from_data instead, so the config can still set it.
 LINKED_DATA_ATTRIBUTES = (
-    ("max_disparity", "max_disparity"),
     ("num_classes", "num_classes"),
     ("class_names", "class_names"),
     ("category_ids", "category_ids"),
@@ -48,6 +49,41 @@ DESCRIPTION = (
 )
 
 
+def config_chain(path: Path, extended_by: tuple[Path, ...] = ()) -> list[Path]:
+    """`path` preceded by the configs it builds on: its ``extends:`` file (relative to it), recursively."""
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return [path]  # the parser reports a missing or unreadable file
+    base = content.get("extends") if isinstance(content, dict) else None
+    if not base:
+        return [path]
+    base_path = path.parent / base
+    if base_path.resolve() in {p.resolve() for p in (*extended_by, path)}:
+        raise ValueError(f"{path}: 'extends: {base}' makes a cycle of configs that extend each other")
+    if not base_path.is_file():
+        raise FileNotFoundError(f"{path}: 'extends: {base}' names {base_path}, which is not a file")
+    return [*config_chain(base_path, (*extended_by, path)), path]
+
+
+def with_extended_configs(args: Sequence[str]) -> list[str]:
+    """The command's words with every ``--config FILE`` preceded by the configs FILE extends."""
+    words, expanded, index = list(args), [], 0
+    while index < len(words):
+        word = words[index]
+        if word == "--config" and index + 1 < len(words):
+            path, index = words[index + 1], index + 2
+        elif word.startswith("--config="):
+            path, index = word.split("=", 1)[1], index + 1
+        else:
+            expanded.append(word)
+            index += 1
+            continue
+        for file in config_chain(Path(path)):
+            expanded += ["--config", str(file)]
+    return expanded
+
+
 class LattnCLI(LightningCLI):
     """LightningCLI in subclass mode: YAML names a model/data class by its short name or class_path.
 
@@ -55,7 +91,23 @@ class LattnCLI(LightningCLI):
     directory), and the seed defaults to a fixed value so two identical commands train identically.
     With ``--ckpt_path`` the config builds the model and the checkpoint must fit it (see
     :meth:`_parse_ckpt_path`); checkpoints record the config they were trained with.
+
+    Configs build on each other: a config that starts with ``extends: base.yaml`` (a path relative to
+    it) is read after that base, so an overlay states only what it changes. The run is named after the
+    last config file (``configs/sceneflow_softmax.yaml``: ``sceneflow_softmax``), and so are its folders
+    where the config does not name them: the TensorBoard logger's ``name`` (left at its default), the
+    checkpoint callback's ``dirpath`` (unset) -> ``checkpoints/<run>``, and a prediction writer's
+    ``output_dir`` (left at its default) -> ``predictions/<run>``.
     """
+
+    def parse_arguments(self, parser, args) -> None:
+        words = sys.argv[1:] if args is None else args
+        if isinstance(words, (list, tuple)):
+            expanded = with_extended_configs(words)
+            if expanded != list(words):
+                self.config = parser.parse_args(expanded)
+                return
+        super().parse_arguments(parser, args)
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -91,11 +143,13 @@ class LattnCLI(LightningCLI):
             raise ValueError(f"{ckpt_path}: {problem}")
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        config["extends"] = None  # the saved config is whole: it extends nothing
+        name_run_folders(config)
         # validate/test/predict from a checkpoint: the checkpoint holds every weight, so the backbone's
         # `pretrained` source is not loaded first (it may need a download or a file that has moved).
         if self.subcommand not in ("validate", "test", "predict"):
             return
-        config = self.config[self.subcommand]
         options = config.get("model.init_args.backbone_options")
         if config.get("ckpt_path") and isinstance(options, dict) and options.get("pretrained"):
             log.info("Weights come from %s; not loading backbone_options.pretrained=%s",
@@ -106,6 +160,9 @@ class LattnCLI(LightningCLI):
         # Checkpoints record the config they were trained with (LattnTask.on_save_checkpoint).
         if isinstance(self.model, LattnTask):
             config = self.config[self.subcommand]
+            if not config.get("ckpt_path"):  # a resumed run keeps its checkpoint's values
+                for name, value in self.model.fill_from_data(self.datamodule).items():
+                    config[f"model.init_args.{name}"] = value  # the saved config says what the model used
             self.model.training_config = self._parser(self.subcommand).dump(config, skip_none=False)
             self.model.training_config_files = [str(path) for path in config.get("config") or []]
 
@@ -130,10 +187,33 @@ class LattnCLI(LightningCLI):
         return path
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--extends", type=str | None, default=None,
+                            help="In a config file: the config it builds on (a path relative to it), read first.")
         # What the data determines is linked, not repeated: the model gets it from the datamodule
         # instance. A link whose source or target a chosen class lacks is skipped by jsonargparse.
         for data_attribute, model_argument in LINKED_DATA_ATTRIBUTES:
             parser.link_arguments(f"data.{data_attribute}", f"model.init_args.{model_argument}", apply_on="instantiate")
+
+
+def name_run_folders(config) -> None:
+    """Name the logger's and callbacks' folders after the last config file, where the config leaves them unset."""
+    files = config.get("config") or []
+    if not files:
+        return
+    run = Path(str(files[-1])).stem
+    logger = config.get("trainer.logger")
+    if _is_class(logger, "TensorBoardLogger") and logger.init_args.get("name") in (None, "lightning_logs"):
+        logger.init_args["name"] = run
+    for callback in config.get("trainer.callbacks") or []:
+        if _is_class(callback, "Checkpoint") and callback.init_args.get("dirpath") is None:
+            callback.init_args["dirpath"] = f"checkpoints/{run}"
+        if _is_class(callback, "PredictionWriter") and callback.init_args.get("output_dir") in (None, "predictions"):
+            callback.init_args["output_dir"] = f"predictions/{run}"
+
+
+def _is_class(entry: object, suffix: str) -> bool:
+    class_path = getattr(entry, "class_path", None)
+    return isinstance(class_path, str) and class_path.endswith(suffix) and getattr(entry, "init_args", None) is not None
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
@@ -166,7 +246,7 @@ def print_backbones(complexity: bool, image_size: int | None) -> None:
     rows = [("NAME", "PARAMS", "GMACS", "AT", "DESCRIPTION")]
     for e in entries:
         try:
-            native = signature(e.builder).parameters.get("img_size")
+            native = (e.options() or {}).get("img_size")
             size = image_size or (native.default if native is not None else 224)
             options = {"img_size": size} if native is not None else {}
             cost = create_backbone(e.name, **options).complexity(size)

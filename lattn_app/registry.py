@@ -57,6 +57,20 @@ class Entry:
         """Built for one token grid (``grid_size``); other grids are resampled or refused."""
         return bool(getattr(self.builder, "fixed_grid", False))
 
+    def options(self) -> dict[str, inspect.Parameter] | None:
+        """The keyword options the builder takes, by name; None: any (it takes ``**kwargs`` it does not forward).
+
+        A class whose ``__init__`` passes ``**kwargs`` on to its base class (as the mechanisms pass the
+        common ``num_heads``, ``qkv_bias``, ... to :class:`~lattn_app.attention.base.QKVAttention`) takes its
+        own options and its bases' up to the first ``__init__`` without ``**kwargs``.
+        """
+        return builder_options(self.builder)
+
+    def accepts(self, option: str) -> bool:
+        """Whether `option` may be passed to the builder (the one option check of lattn)."""
+        options = self.options()
+        return options is None or option in options
+
 
 def _first_docstring_line(obj: Any) -> str:
     doc = inspect.getdoc(obj) or ""
@@ -168,17 +182,32 @@ def check_choice(what: str, value: Any, choices: Sequence[Any]) -> Any:
     return value
 
 
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def builder_options(builder: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
+    """See :meth:`Entry.options`."""
+    callables = [cls.__init__ for cls in builder.__mro__ if "__init__" in vars(cls)] if inspect.isclass(builder) \
+        else [builder]
+    accepted: dict[str, inspect.Parameter] = {}
+    for function in callables:
+        parameters = inspect.signature(function).parameters.values()
+        for parameter in parameters:
+            if parameter.kind in _NAMED and parameter.name != "self":
+                accepted.setdefault(parameter.name, parameter)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return accepted
+        if function is callables[-1] or not inspect.isclass(builder):
+            return None
+    return None
+
+
 def check_options(builder: Callable[..., Any], options: dict[str, Any], what: str) -> None:
     """Raise a TypeError naming any option `builder` does not accept, with the closest accepted one."""
-    signature = inspect.signature(builder)
-    parameters = signature.parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    known = builder_options(builder)
+    if known is None:
         return
-    accepted = [
-        p.name
-        for p in parameters
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    ]
+    accepted = list(known)
     for option in options:
         if option not in accepted:
             close = difflib.get_close_matches(option, accepted, n=1, cutoff=0.5)

@@ -1,4 +1,4 @@
-"""The token-mixer contract (DESIGN.md), checked for every registered mechanism."""
+"""The token-mixer contract (docs/architecture.md#token-mixer-contract), checked for every registered mechanism."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Each mechanism against the explicit formula of its paper (ALGORITHMS.md)."""
+"""Each mechanism against the explicit formula of its paper (docs/methods.md)."""
 
 from __future__ import annotations
 

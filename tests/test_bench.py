@@ -16,7 +16,8 @@ import torch
 from lattn_app.attention import create_attention
 from lattn_app.bench import report
 from lattn_app.bench.measure import Timing, call_with_peak_memory, paired_ratio, time_side_by_side
-from lattn_app.bench.attention import evaluate_targets, growth_exponent, memory_floor_bytes, parse_grid
+from lattn_app.bench.attention import parse_grid
+from lattn_app.bench.targets import evaluate_targets, growth_exponent, memory_floor_bytes
 from lattn_app.bench.reference import ReferenceEfficientAttention
 from lattn_app.cli import main
 
@@ -85,7 +86,7 @@ def test_error_is_zero_for_exact_mechanisms_and_not_for_approximations(sweep):
     for case in ("softmax", "softmax-materialised", "op:softmax-fused"):
         assert result(document, case, 64)["error"] < 1e-5, case
         assert result(document, case, 64)["error_against"] == "softmax"
-    # Scaling normalisation equals dot-product attention q k^T v / N exactly (ALGORITHMS.md section 1).
+    # Scaling normalisation equals dot-product attention q k^T v / N exactly (docs/methods.md#efficient).
     for case in ("efficient-scaling", "op:efficient-scaling"):
         assert result(document, case, 64)["error"] < 1e-5, case
         assert result(document, case, 64)["error_against"] == "dot-product"

@@ -108,3 +108,35 @@ def test_list_piped_into_head_ends_quietly():
     done = subprocess.run(f"{sys.executable} -m lattn_app list | head -1", shell=True, capture_output=True,
                           text=True, timeout=120)
     assert done.stdout.startswith("Attention mechanisms") and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_config_extends_its_base_and_names_the_run_after_itself(tmp_path, monkeypatch):
+    from lattn_app.cli import LattnCLI
+
+    monkeypatch.chdir(tmp_path)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cli = LattnCLI(args=["--config", str(configs / "sceneflow_softmax.yaml")], run=False)
+    config = cli.config
+    assert config.model.init_args.attention == "softmax"  # the overlay's value ...
+    assert config.model.init_args.net.feature_dim == 32 and config.trainer.max_epochs == 10  # ... over the base's
+    assert [Path(str(path)).name for path in config.config] == ["sceneflow_efficient.yaml", "sceneflow_softmax.yaml"]
+    assert config.extends is None  # the saved config is whole
+    assert cli.trainer.logger.name == "sceneflow_softmax"
+    assert cli.trainer.checkpoint_callback.dirpath.endswith("checkpoints/sceneflow_softmax")
+    writer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "StereoPredictionWriter")
+    assert str(writer.output_dir) == "predictions/sceneflow_softmax"
+
+    # Folders the config names are kept; a chain of overlays is read base first; cycles and missing bases are errors.
+    (tmp_path / "mine.yaml").write_text(f"extends: {configs / 'sceneflow_softmax.yaml'}\ntrainer:\n  max_epochs: 3\n"
+                                        "  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n"
+                                        "    init_args:\n      save_dir: logs\n      name: chosen\n")
+    mine = LattnCLI(args=["--config", str(tmp_path / "mine.yaml")], run=False)
+    assert mine.config.trainer.max_epochs == 3 and mine.config.model.init_args.attention == "softmax"
+    assert mine.trainer.logger.name == "chosen" and mine.trainer.checkpoint_callback.dirpath.endswith("checkpoints/mine")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        main(["fit", "--config", str(tmp_path / "a.yaml")])
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        main(["fit", "--config", str(tmp_path / "c.yaml")])

@@ -176,7 +176,7 @@ def test_transform_arguments_are_checked():
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_classes_are_known_at_init_and_labels_follow_folders(tmp_path):
+def test_classes_are_known_before_setup_and_labels_follow_folders(tmp_path):
     data = folder_module(make_folder(tmp_path, LAYOUT))
     assert data.class_names == ["bird", "cat", "dog"] and data.num_classes == 3 and data.image_size == 16
     data.setup("fit")
@@ -229,20 +229,26 @@ def test_empty_class_folder_and_empty_split_are_errors(tmp_path):
         folder_module(root).setup("fit")
     empty = tmp_path / "b"
     (empty / "train").mkdir(parents=True)
+    # The classes are read on first use (the command line does it right after building the datamodule).
     with pytest.raises(ValueError, match="has no class subfolders"):
-        folder_module(empty)
-    with pytest.raises(FileNotFoundError, match="root .* does not exist"):
-        folder_module(tmp_path / "nowhere")
+        folder_module(empty).num_classes
+    no_root = r"root \S*nowhere does not exist or is not a folder; expected a folder with train/"
+    with pytest.raises(FileNotFoundError, match=no_root):
+        folder_module(tmp_path / "nowhere").num_classes
     with pytest.raises(FileNotFoundError, match=r"nowhere.*expected a split folder"):
-        folder_module(root, train_dir="nowhere")
+        folder_module(root, train_dir="nowhere").num_classes
 
 
 def test_extensions_are_case_insensitive_and_other_files_ignored(tmp_path):
     root = make_folder(tmp_path, {"train": {"cat": 1}, "val": {"cat": 1}})
     write_png(root / "train" / "cat" / "UPPER.PNG")
     (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    write_png(root / "train" / "cat" / "._0.png")  # hidden entries (macOS metadata, notebook checkpoints)
+    write_png(root / "train" / "cat" / ".ipynb_checkpoints" / "1.png")
+    write_png(root / "train" / ".ipynb_checkpoints" / "2.png")
     data = folder_module(root)
     data.setup("fit")
+    assert data.class_names == ["cat"]
     assert sorted(Path(p).name for p in data.datasets["train"].paths) == ["0.png", "UPPER.PNG"]
 
 
@@ -270,7 +276,7 @@ def test_predict_dir_yields_paths(tmp_path):
         folder_module(root).setup("predict")
 
 
-def test_augmentation_is_seeded_by_torch_and_differs_between_workers(tmp_path):
+def test_augmentation_is_seeded_per_sample_and_differs_between_workers(tmp_path):
     root = make_folder(tmp_path, {"train": {"cat": 1}, "val": {"cat": 1}})
     image = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     Image.fromarray(image).save(root / "train" / "cat" / "0.png")
@@ -285,7 +291,7 @@ def test_augmentation_is_seeded_by_torch_and_differs_between_workers(tmp_path):
     torch.manual_seed(5)
     first = epoch()
     torch.manual_seed(5)
-    assert torch.equal(first, epoch())  # reproducible from torch's seed
+    assert torch.equal(first, epoch())  # reproducible: seeded by (run seed, epoch, sample)
     assert not torch.equal(first[0], first[1])
     data.num_workers = 2
     loader = data.train_dataloader()
@@ -371,10 +377,11 @@ def test_synthetic_classes_differ_and_images_vary():
 def test_root_none_uses_the_synthetic_set_with_a_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LATTN_CACHE_DIR", str(tmp_path / "cache"))
     assert synthetic.default_cache_dir() == tmp_path / "cache"
+    data = ImageFolderDataModule(root=None, image_size=32, batch_size=8, num_workers=0)
+    assert not list((tmp_path / "cache").glob("synthetic_classification_*"))  # generated on first use, not here
     with caplog.at_level(logging.WARNING):
-        data = ImageFolderDataModule(root=None, image_size=32, batch_size=8, num_workers=0)
-    assert data.is_synthetic and data.root.parent == tmp_path / "cache"
-    assert data.class_names == list(synthetic.SYNTHETIC_CLASSES) and data.num_classes == 10
+        assert data.class_names == list(synthetic.SYNTHETIC_CLASSES) and data.num_classes == 10
+    assert data.is_embedded and data.dataset_root.parent == tmp_path / "cache"
     assert any("SYNTHETIC" in r.getMessage() and "--data.root" in r.getMessage() for r in caplog.records)
     data.setup("fit")
     data.setup("test")
@@ -442,8 +449,8 @@ def test_cifar100_uses_fine_labels(tmp_path):
 
 def test_cifar_errors_name_the_file(tmp_path):
     missing = r"cifar-10-batches-py[/\\]batches\.meta not found.*cifar-10-python\.tar\.gz"
-    with pytest.raises(FileNotFoundError, match=missing):
-        CIFARDataModule(root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=missing):  # the files are looked for on first use of the classes
+        CIFARDataModule(root=str(tmp_path)).num_classes
     folder = make_cifar10(tmp_path)
     with pytest.raises(ValueError, match="variant must be one of"):
         CIFARDataModule(root=str(tmp_path), variant="cifar1000")
@@ -456,10 +463,10 @@ def test_cifar_errors_name_the_file(tmp_path):
         CIFARDataModule(root=str(tmp_path), val_size=5, num_workers=0).setup("fit")
     (folder / "test_batch").unlink()
     with pytest.raises(FileNotFoundError, match=r"test_batch not found"):
-        CIFARDataModule(root=str(tmp_path))
+        CIFARDataModule(root=str(tmp_path)).num_classes
 
 
-def test_cifar_pickles_cannot_run_code(tmp_path):
+def test_cifar_pickles_cannot_run_code(tmp_path, capsys):
     folder = make_cifar10(tmp_path)
 
     class Evil:
@@ -468,4 +475,10 @@ def test_cifar_pickles_cannot_run_code(tmp_path):
 
     write_pickle(folder / "batches.meta", {b"label_names": Evil()})
     with pytest.raises(ValueError, match=r"batches\.meta: not a readable cifar10 pickle.*refusing to load .*print"):
-        CIFARDataModule(root=str(tmp_path))
+        CIFARDataModule(root=str(tmp_path)).class_names
+    # A batch file is opened safely before torchvision (which uses pickle.load) reads it.
+    folder = make_cifar10(tmp_path / "again")
+    write_pickle(folder / "data_batch_2", {b"data": Evil(), b"labels": []})
+    with pytest.raises(ValueError, match=r"data_batch_2: not a readable cifar10 pickle.*refusing to load .*print"):
+        CIFARDataModule(root=str(folder), val_size=5, num_workers=0).setup("fit")
+    assert "pwned" not in capsys.readouterr().out

@@ -62,12 +62,12 @@ def test_category_mapping_round_trip(synthetic):
     dm = CocoDataModule(root=str(root), test_json="annotations/instances_test2017.json", image_size=64, num_workers=0)
     assert dm.num_classes == 4 and dm.class_names == ["circle", "square", "triangle", "star"]
     assert dm.category_ids == [1, 3, 7, 9]
-    for label in range(1, dm.num_classes + 1):
-        assert dm.category_id_to_label[dm.category_ids[label - 1]] == label
     assert dm.val_coco_gt_path.name == "instances_val2017.json"
     assert dm.test_coco_gt_path.name == "instances_test2017.json"
     dm.setup("test")
-    _, target = dm.test_dataset[0]
+    for label in range(1, dm.num_classes + 1):
+        assert dm.datasets["test"].category_to_label[dm.category_ids[label - 1]] == label
+    _, target = dm.datasets["test"][0]
     document = json.loads(dm.test_coco_gt_path.read_text())
     expected = [a["category_id"] for a in document["annotations"] if a["image_id"] == target["image_id"]]
     assert [dm.category_ids[int(label) - 1] for label in target["labels"]] == expected
@@ -76,8 +76,9 @@ def test_category_mapping_round_trip(synthetic):
 def test_embedded_default_warns(synthetic, monkeypatch, caplog):
     cache, _ = synthetic
     monkeypatch.setenv("LATTN_CACHE_DIR", str(tmp := cache / "default"))
+    dm = CocoDataModule(image_size=64, num_workers=0)
     with caplog.at_level(logging.WARNING):
-        dm = CocoDataModule(image_size=64, num_workers=0)
+        assert dm.num_classes == 4  # the classes are read on first use (the CLI links them to the model)
     assert "EMBEDDED SYNTHETIC" in caplog.text and "--data.root" in caplog.text and str(tmp) in caplog.text
     assert dm.test_coco_gt_path is not None
 

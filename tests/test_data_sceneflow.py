@@ -15,9 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from lattn_app.data import sceneflow, synthetic_stereo
+from lattn_app.data import synthetic_stereo
+from lattn_app.data.stereo import sceneflow
 from lattn_app.data.io import read_image, read_pfm, write_pfm
-from lattn_app.data.sceneflow import SceneFlowDataModule, StereoAugmentation, StereoDataset, find_predict_pairs
+from lattn_app.data.resumable import SeededDataset, SeededIndex
+from lattn_app.data.stereo import (
+    SceneFlowDataModule,
+    StereoAugmentation,
+    StereoDataset,
+    find_predict_pairs,
+    stereo_collate,
+)
 from lattn_app.data.synthetic_stereo import ensure_synthetic_sceneflow, render_sequence
 
 TINY = dict(height=48, width=96, train_sequences=6, test_sequences=2, frames_per_sequence=3, min_disparity=2.0,
@@ -187,7 +195,7 @@ def test_splits_are_disjoint_and_val_comes_from_train_sequences(tiny_root):
     data = module(tiny_root)
     data.setup("fit")
     data.setup("test")
-    train, val, test = data.train_dataset.samples, data.val_dataset.samples, data.test_dataset.samples
+    train, val, test = data.datasets["train"].samples, data.datasets["val"].samples, data.datasets["test"].samples
     assert len(train) + len(val) == 18 and len(test) == 6
     train_sequences, val_sequences = {s.sequence for s in train}, {s.sequence for s in val}
     assert len(val_sequences) == 2 and not train_sequences & val_sequences  # whole sequences held out
@@ -196,7 +204,7 @@ def test_splits_are_disjoint_and_val_comes_from_train_sequences(tiny_root):
     # Deterministic: another module makes the same choice; another seed may not.
     again = module(tiny_root)
     again.setup("fit")
-    assert [s.name for s in again.val_dataset.samples] == [s.name for s in val]
+    assert [s.name for s in again.datasets["val"].samples] == [s.name for s in val]
 
 
 def test_samples_and_batches(tiny_root):
@@ -204,8 +212,8 @@ def test_samples_and_batches(tiny_root):
                   limit_test=4)
     data.setup("fit")
     data.setup("test")
-    assert (len(data.train_dataset), len(data.val_dataset), len(data.test_dataset)) == (7, 3, 4)
-    sample = data.val_dataset[0]
+    assert (len(data.datasets["train"]), len(data.datasets["val"]), len(data.datasets["test"])) == (7, 3, 4)
+    sample = data.datasets["val"][0]
     assert set(sample) == {"left", "right", "disparity", "name"}
     assert sample["left"].shape == sample["right"].shape == (3, 48, 96) and sample["left"].dtype == torch.float32
     assert 0 <= float(sample["left"].min()) and float(sample["left"].max()) <= 1
@@ -219,16 +227,16 @@ def test_samples_and_batches(tiny_root):
     assert len(batch["name"]) == 3
     batch = next(iter(data.test_dataloader()))
     assert batch["left"].shape == (2, 3, 48, 96)  # full images for evaluation
-    assert data.max_disparity == 192
+    assert data.disparity_range is None  # real Scene Flow states no range: the model chooses
 
 
 def test_both_passes_and_crop_larger_than_image(tiny_root):
     data = module(tiny_root, passes=["cleanpass", "finalpass"], crop_size=(256, 512), val_fraction=0)
     data.setup("fit")
-    names = [s.name for s in data.train_dataset.samples]
+    names = [s.name for s in data.datasets["train"].samples]
     assert len(names) == 36 and sum("frames_finalpass" in n for n in names) == 18
     assert data.val_dataloader() == []
-    assert data.train_dataset[0]["left"].shape == (3, 48, 96)  # crop clipped to the image
+    assert data.datasets["train"][0]["left"].shape == (3, 48, 96)  # crop clipped to the image
 
 
 def test_missing_disparity_file_is_named(tiny_root, tmp_path):
@@ -275,13 +283,13 @@ def test_bad_arguments_are_named():
 def test_embedded_set_is_announced_loudly(tiny_root, monkeypatch, caplog):
     monkeypatch.setattr(sceneflow, "ensure_synthetic_sceneflow", lambda: tiny_root)
     data = SceneFlowDataModule(root=None, num_workers=0, val_fraction=0.34)  # default subsets
-    with caplog.at_level(logging.WARNING, logger="lattn_app.data.sceneflow"):
+    with caplog.at_level(logging.WARNING, logger="lattn_app.data.base"):
         data.setup("fit")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("EMBEDDED SYNTHETIC" in m and "--data.root" in m for m in warnings)
-    assert data.is_synthetic and len(data.train_dataset) == 12
-    assert data.max_disparity == 48  # what the model is given for the embedded set
-    assert SceneFlowDataModule(root=str(tiny_root)).max_disparity == 192
+    assert data.is_embedded and len(data.datasets["train"]) == 12
+    assert data.disparity_range == 48  # what a model with max_disparity unset takes for the embedded set
+    assert SceneFlowDataModule(root=str(tiny_root)).disparity_range is None
 
 
 def test_exclude_unused_frames(tiny_root, tmp_path):
@@ -291,12 +299,12 @@ def test_exclude_unused_frames(tiny_root, tmp_path):
     (root / "FlyingThings3D" / "all_unused_files.txt").write_text(unused)
     data = module(root, val_fraction=0)
     data.setup("fit")
-    names = {s.name for s in data.train_dataset.samples}
+    names = {s.name for s in data.datasets["train"].samples}
     assert len(names) == 16
     assert "FlyingThings3D/frames_cleanpass/TRAIN/A/0000/left/0006.png" not in names
     everything = module(root, val_fraction=0, exclude_unused=False)
     everything.setup("fit")
-    assert len(everything.train_dataset) == 18
+    assert len(everything.datasets["train"]) == 18
 
 
 def test_invalid_and_negative_disparities(tiny_root, tmp_path):
@@ -309,13 +317,13 @@ def test_invalid_and_negative_disparities(tiny_root, tmp_path):
     write_pfm(path, disparity)
     data = module(root)
     data.setup("test")
-    loaded = data.test_dataset[0]["disparity"]
-    assert data.test_dataset.samples[0].disparity == path
+    loaded = data.datasets["test"][0]["disparity"]
+    assert data.datasets["test"].samples[0].disparity == path
     assert (loaded[:2, :5] == 0).all() and torch.isfinite(loaded).all()  # non-finite -> 0 (invalid)
     disparity[2, 3] = -1.0
     write_pfm(path, disparity)
     with pytest.raises(ValueError, match=r"0006\.pfm: negative disparities"):
-        data.test_dataset[0]
+        data.datasets["test"][0]
 
 
 # ---------------------------------------------------------------------------------- augmentation
@@ -386,15 +394,15 @@ def test_photometric_jitter_differs_between_views_when_asymmetric():
     assert not np.array_equal(symmetric["left"], image)
 
 
-def test_training_augmentation_is_reproducible_from_torch_seed(tiny_root):
+def test_training_augmentation_is_reproducible_from_the_sample_seed(tiny_root):
     data = module(tiny_root, crop_size=(32, 48), flip_prob=0.5, rescale=(0.9, 1.3))
     data.setup("fit")
-    torch.manual_seed(5)
-    first = data.train_dataset[0]
-    torch.manual_seed(5)
-    again = data.train_dataset[0]
+    seeded = SeededDataset(data.datasets["train"])  # what the training loader reads samples through
+    first, again = seeded[SeededIndex(0, 5)], seeded[SeededIndex(0, 5)]
     assert torch.equal(first["left"], again["left"]) and torch.equal(first["disparity"], again["disparity"])
     assert first["left"].shape == (3, 32, 48)
+    other = [seeded[SeededIndex(0, seed)]["left"] for seed in (6, 7, 8)]
+    assert not all(torch.equal(first["left"], left) for left in other)
 
 
 # ------------------------------------------------------------------------------------------ predict
@@ -409,7 +417,7 @@ def test_predict_pairs_from_folder_and_list(tmp_path):
     data = SceneFlowDataModule(root=None, predict_pairs=str(tmp_path / "pairs"), num_workers=0, eval_batch_size=1)
     data.setup("predict")  # no dataset needed (and no synthetic set generated) for prediction
     assert data._dataset_root is None
-    samples = [data.predict_dataset[i] for i in range(2)]
+    samples = [data.datasets["predict"][i] for i in range(2)]
     assert [s["name"] for s in samples] == ["left/a.png", "left/b.png"]
     assert "disparity" not in samples[0] and samples[1]["left"].shape == (3, 24, 40)
     assert len(list(data.predict_dataloader())) == 2
@@ -418,7 +426,7 @@ def test_predict_pairs_from_folder_and_list(tmp_path):
                                 [str(tmp_path / "pairs/left/b.png"), str(tmp_path / "pairs/right/b.png")]])
     assert [p.name for p in pairs] == ["a.png", "b.png"]
     with pytest.raises(ValueError, match="different sizes"):
-        next(iter(torch.utils.data.DataLoader(StereoDataset(pairs), batch_size=2, collate_fn=sceneflow.stereo_collate)))
+        next(iter(torch.utils.data.DataLoader(StereoDataset(pairs), batch_size=2, collate_fn=stereo_collate)))
 
     (tmp_path / "pairs" / "right" / "b.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"right/b\.png"):
@@ -453,12 +461,12 @@ def test_monkaa_and_driving_layouts(tmp_path):
         write_frame(tmp_path, "Driving", sequence, "0001", rng, value=7.5)
     data = module(tmp_path, subsets=["monkaa", "driving"], val_fraction=0.2)
     data.setup("fit")
-    samples = data.train_dataset.samples + data.val_dataset.samples
+    samples = data.datasets["train"].samples + data.datasets["val"].samples
     assert len(samples) == 3 * 2 + 8
     sequences = {s.sequence for s in samples}
     assert {f"monkaa/{scene}" for scene in monkaa_scenes} <= sequences
     assert {f"driving/{sequence}" for sequence in driving} <= sequences
-    assert len({s.sequence for s in data.val_dataset.samples}) == 3  # round(0.2 * 3) + round(0.2 * 8)
+    assert len({s.sequence for s in data.datasets["val"].samples}) == 3  # round(0.2 * 3) + round(0.2 * 8)
     by_name = {s.name: s for s in samples}
     assert "monkaa/frames_cleanpass/family_x2/left/0001.png" in by_name
     driving_name = "Driving/frames_cleanpass/35mm_focallength/scene_forwards/slow/left/0001.png"
@@ -480,6 +488,6 @@ def test_datamodule_arguments_parse_like_the_cli():
     config = parser.parse_args(["--data.crop_size=[64, 128]", "--data.passes=[cleanpass, finalpass]",
                                 "--data.predict_pairs=some/folder", "--data.rescale=[0.8, 1.2]"])
     assert tuple(config.data.crop_size) == (64, 128) and config.data.passes == ["cleanpass", "finalpass"]
-    assert config.data.root is None and config.data.max_disparity == 192
+    assert config.data.root is None and "max_disparity" not in config.data  # the model's, not the data's
     data = parser.instantiate(config).data
     assert isinstance(data, SceneFlowDataModule) and data.train_transform.crop_size == (64, 128)

@@ -32,10 +32,10 @@ def classification_args(root: Path) -> list[str]:
 
 def stereo_args(root: Path) -> list[str]:
     return ["--config", str(REPO / "configs/sceneflow_efficient.yaml"), "--data.root", str(root),
-            "--data.subsets", "[flyingthings3d]", "--data.max_disparity", "32", "--data.crop_size", "[64, 128]",
+            "--data.subsets", "[flyingthings3d]", "--model.max_disparity", "32", "--data.crop_size", "[64, 128]",
             "--data.batch_size", "1", "--data.num_workers", "0", "--data.val_fraction", "0.34",
-            "--model.feature_dim", "16", "--model.groups", "4", "--model.volume_channels", "8",
-            "--model.num_hourglasses", "1", "--model.img_size", "[64, 128]",
+            "--model.net.feature_dim", "16", "--model.net.groups", "4", "--model.net.volume_channels", "8",
+            "--model.net.num_hourglasses", "1", "--model.net.img_size", "[64, 128]",
             "--model.backbone_options.num_stages", "2"]
 
 
@@ -43,8 +43,8 @@ def detection_args(root: Path) -> list[str]:
     return ["--config", str(REPO / "configs/coco_quickstart.yaml"), "--data.root", str(root),
             "--data.test_json", "annotations/instances_test2017.json", "--data.test_images", "test2017",
             "--data.image_size", "96", "--data.batch_size", "2", "--data.num_workers", "0",
-            "--model.neck_channels", "32", "--model.box_head_dim", "64", "--model.mask_head_channels", "16",
-            "--model.box_batch_size_per_image", "32", "--model.rpn_batch_size_per_image", "32"]
+            "--model.net.neck_channels", "32", "--model.net.box_head_dim", "64", "--model.net.mask_head_channels", "16",
+            "--model.net.box_batch_size_per_image", "32", "--model.net.rpn_batch_size_per_image", "32"]
 
 
 def classification_root(cache: Path) -> Path:

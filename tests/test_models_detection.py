@@ -19,6 +19,7 @@ from lattn_app.models.detection import (
     FeaturePyramid,
     PreparedImages,
     SimpleFeaturePyramid,
+    DetectorOptions,
     build_detector,
 )
 from lattn_app.tasks.detection import coco_results, encode_masks, ground_truth, to_original_size
@@ -51,7 +52,7 @@ def _targets(sizes):
 ])
 def test_detector_trains_and_detects(detector, backbone, options, head_norm):
     torch.manual_seed(0)
-    model = build_detector(detector, 3, backbone, options, head_norm=head_norm, **SMALL_HEADS)
+    model = build_detector(detector, 3, backbone, options, DetectorOptions(head_norm=head_norm, **SMALL_HEADS))
     if head_norm == "group":
         assert any(isinstance(m, torch.nn.GroupNorm) for m in model.roi_heads.box_head.modules())
     sizes = [(64, 96), (80, 64)]  # different sizes in one batch, neither a multiple of 32
@@ -155,8 +156,8 @@ def test_metrics_equal_cocoeval_on_the_results_json(tmp_path):
     metric = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools")
     rng = np.random.default_rng(0)
     bbox_results, segm_results = [], []
-    for index in range(len(data.test_dataset)):
-        _, target = data.test_dataset[index]
+    for index in range(len(data.datasets["test"])):
+        _, target = data.datasets["test"][index]
         assert target["masks"].shape[-2:] == (128, 160)  # evaluation ground truth in original pixels
         prediction = _perturbed_predictions(target, rng)
         metric.update([prediction], [ground_truth(target, with_masks=True)])

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lattn_app.models.stereo import StereoNet, build_cost_volume, disparity_regression
+from lattn_app.models.stereo import StereoNet, StereoNetOptions, build_cost_volume, disparity_regression
 
 # A small ViT with patch 4 gives the stride-4 features without waiting for a pyramid backbone.
 TINY_BACKBONE = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2, class_token=False, global_pool="avg",
                      pos_embed="sincos")
 
 
-def tiny_net(**options) -> StereoNet:
-    settings = dict(max_disparity=32, backbone="vit", backbone_options=TINY_BACKBONE, img_size=(32, 64),
-                    feature_dim=16, groups=4, volume_channels=8, num_hourglasses=2, attention_heads=2)
+def tiny_net(max_disparity: int = 32, attention: str = "efficient", **options) -> StereoNet:
+    settings = dict(img_size=(32, 64), feature_dim=16, groups=4, volume_channels=8, num_hourglasses=2,
+                    attention_heads=2)
     settings.update(options)
-    return StereoNet(**settings)
+    return StereoNet(max_disparity, "vit", TINY_BACKBONE, attention, options=StereoNetOptions(**settings))
 
 
 def test_group_wise_correlation_matches_its_definition():

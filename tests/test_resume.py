@@ -37,8 +37,8 @@ TINY_SET = dict(height=64, width=128, train_sequences=3, test_sequences=1, frame
                 min_disparity=2.0, max_disparity=28.0)
 STEPS_PER_EPOCH = 6
 LAST_EVERY = 2  # last.ckpt every 2 optimiser steps
-SMALL_MODEL = ["--model.feature_dim", "16", "--model.groups", "4", "--model.volume_channels", "8",
-               "--model.num_hourglasses", "1", "--model.img_size", "[64, 128]"]
+SMALL_MODEL = ["--model.net.feature_dim", "16", "--model.net.groups", "4", "--model.net.volume_channels", "8",
+               "--model.net.num_hourglasses", "1", "--model.net.img_size", "[64, 128]"]
 
 
 class KillAtStep(Callback):
@@ -86,7 +86,7 @@ def stereo_root(tmp_path_factory) -> Path:
 
 def stereo_args(root: Path, num_workers: int = 0) -> list[str]:
     return ["--config", str(STEREO_CONFIG), "--config", "run.yaml", "--data.root", str(root),
-            "--data.subsets", "[flyingthings3d]", "--data.max_disparity", "32", "--data.crop_size", "[64, 128]",
+            "--data.subsets", "[flyingthings3d]", "--model.max_disparity", "32", "--data.crop_size", "[64, 128]",
             "--data.batch_size", "1", "--data.num_workers", str(num_workers), "--data.val_fraction", "0.34",
             *SMALL_MODEL]
 
@@ -293,7 +293,7 @@ def test_a_checkpoint_records_the_task_and_the_config_it_was_trained_with(stereo
     config = yaml.safe_load(record["config"])
     assert config["model"]["class_path"] == "lattn_app.tasks.StereoTask"
     model = config["model"]["init_args"]
-    assert model["attention"] == "efficient" and model["feature_dim"] == 16
+    assert model["attention"] == "efficient" and model["net"]["feature_dim"] == 16
     assert config["trainer"]["callbacks"][0]["init_args"]["last_every_n_steps"] == LAST_EVERY
 
 
@@ -320,13 +320,13 @@ def test_load_from_checkpoint_of_another_task_says_what_differs(classification_c
         StereoTask.load_from_checkpoint(classification_checkpoint)
     with pytest.raises(ValueError, match="attention: 'efficient' -> 'softmax'"):
         StereoTask.load_from_checkpoint(stereo_checkpoint, attention="softmax")
-    assert StereoTask.load_from_checkpoint(stereo_checkpoint).hparams.feature_dim == 16  # a fitting one loads
+    assert StereoTask.load_from_checkpoint(stereo_checkpoint).hparams.net["feature_dim"] == 16  # a fitting one loads
 
 
 @pytest.mark.parametrize(("option", "difference"), [
     (["--model.attention", "softmax"], r"attention: 'efficient' -> 'softmax'"),
     (["--model.backbone", "pyramid"], r"backbone: 'pyramid_tiny' -> 'pyramid'"),
-    (["--model.feature_dim", "24"], r"feature_dim: 16 -> 24\. Weights: \d+ weights of another shape"),
+    (["--model.net.feature_dim", "24"], r"feature_dim: 16 -> 24\. Weights: \d+ weights of another shape"),
 ], ids=["attention", "backbone", "weight_shapes"])
 def test_a_checkpoint_of_another_architecture_says_what_differs(option, difference, stereo_checkpoint, stereo_root,
                                                                 tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""ClassificationTask: losses, EMA, freezing, layer decay, distillation, predictions, pretrained ViT
-fine-tuning, and the command line from `lattn fit` to `lattn predict` on the embedded synthetic set."""
+"""ClassificationTask: losses, EMA (the LattnEMA callback), freezing, layer decay, distillation, predictions,
+pretrained ViT fine-tuning, and the command line from `lattn fit` to `lattn predict` on the embedded synthetic set."""
 
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from timm.loss import SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, Dataset
 
 from lattn_app.backbones.timm_weights import read_state_dict
+from lattn_app.callbacks import LattnCheckpoint, LattnEMA
 from lattn_app.cli import main
 from lattn_app.data.synthetic_classification import SYNTHETIC_CLASSES
 from lattn_app.tasks import ClassificationPredictionWriter, ClassificationTask
-from lattn_app.tasks.classification import distillation_loss
+from lattn_app.tasks.distillation import distillation_loss
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "classification_quickstart.yaml"
@@ -99,8 +100,9 @@ def tiny_task(**options) -> ClassificationTask:
 
 def quiet_trainer(**options) -> Trainer:
     options.setdefault("max_epochs", 1)
-    return Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=0, **options)
+    options.setdefault("enable_checkpointing", False)
+    return Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0, **options)
 
 
 def loaders(n: int = 32, batch_size: int = 8, size: int = 16):
@@ -145,43 +147,135 @@ def test_arguments_are_checked():
         tiny_task(class_names=["a", "b"])
     with pytest.raises(ValueError, match="must not set num_classes"):
         tiny_task(backbone_options={**TINY_VIT, "num_classes": 3})
-    with pytest.raises(ValueError, match="ema_decay"):
-        tiny_task(ema_decay=1.5)
+    with pytest.raises(ValueError, match="ema_decay.*LattnEMA"):  # the EMA is a callback now
+        tiny_task(ema_decay=0.999)
+    with pytest.raises(ValueError, match="decay"):
+        LattnEMA(decay=1.5)
     with pytest.raises(ValueError, match="distillation_type"):
         tiny_task(distillation_type="medium")
+    with pytest.raises(ValueError, match="mixup_mode"):
+        tiny_task(mixup_alpha=0.8, mixup_mode="odd")
+    with pytest.raises(ValueError, match="backbone_options.attention is not read: set model.attention: softmax"):
+        tiny_task(backbone_options={**TINY_VIT, "attention": "softmax"})
+
+
+def test_attention_is_the_backbone_s_attention_option():
+    mechanisms = {attention: type(tiny_task(attention=attention).backbone.blocks[0].attn).__name__
+                  for attention in (None, "efficient", "performer")}
+    assert mechanisms == {None: "SoftmaxAttention", "efficient": "EfficientAttention",
+                          "performer": "PerformerAttention"}  # None: the backbone's own default
 
 
 # --- EMA, freezing, layer decay ------------------------------------------------------------------
 
 
-def test_ema_weights_are_used_for_evaluation_and_saved_in_the_checkpoint(tmp_path):
-    task = tiny_task(ema_decay=0.5, lr=1e-2)
-    train, val = loaders()
-    trainer = quiet_trainer(max_steps=4, limit_val_batches=1)
-    trainer.fit(task, train, val)
+class Weights(Callback):
+    """Test only: the task's weights and the EMA callback's average when training (re)starts and at the
+    end of the first epoch (after its validation)."""
 
-    online = dict(task.backbone.named_parameters())
-    averaged = dict(task.ema.module.named_parameters())
+    def snapshot(self, trainer, pl_module) -> dict[str, dict[str, torch.Tensor]]:
+        ema = next(c for c in trainer.callbacks if isinstance(c, LattnEMA))
+        return {"weights": {k: v.clone() for k, v in pl_module.state_dict().items()},
+                "average": {k: v.clone() for k, v in ema._average_model.module.state_dict().items()}}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.at_start = self.snapshot(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0:
+            self.at_epoch_end = self.snapshot(trainer, pl_module)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAtStep(Callback):
+    """Test only: the run stops with an exception before optimiser step `step + 1` (as if it were killed)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupted
+
+
+def fit_with_ema(task: ClassificationTask, folder: Path, max_steps: int, ckpt_path: Path | None = None,
+                 *extra: Callback) -> Trainer:
+    """`max_steps` steps (4 per epoch), validation after each epoch on one batch, last.ckpt in `folder`."""
+    train, val = loaders()
+    callbacks = [LattnEMA(decay=0.5), LattnCheckpoint(dirpath=str(folder), monitor=None, last_every_n_steps=None),
+                 *extra]
+    trainer = quiet_trainer(max_steps=max_steps, max_epochs=-1, limit_val_batches=1, callbacks=callbacks,
+                            enable_checkpointing=True)
+    trainer.fit(task, train, val, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_ema_weights_are_used_for_evaluation_and_saved_in_the_checkpoint(tmp_path):
+    task = tiny_task(lr=1e-2)
+    probe = Weights()
+    trainer = fit_with_ema(task, tmp_path / "run", 4, None, probe)
+    path = tmp_path / "run" / "last.ckpt"  # written at the end of the epoch, after its validation
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    averaged, online = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert averaged.keys() == online.keys() == task.state_dict().keys()
+    assert not any(key.startswith("ema.") for key in averaged)
     assert any(not torch.equal(online[name], averaged[name]) for name in online)
+    # Training runs the online weights (the average is only swapped in for validation).
+    for name in online:
+        assert torch.equal(probe.at_epoch_end["weights"][name], online[name]), name
+        assert torch.equal(probe.at_epoch_end["average"][name], averaged[name]), name
+
+    def with_weights(state) -> ClassificationTask:
+        model = tiny_task()
+        model.load_state_dict(state)
+        return model.eval()
+
+    # Validation ran on the averaged weights, not the online ones.
+    batch = next(iter(loaders()[1]))
+    with torch.no_grad():
+        ema_loss = F.cross_entropy(with_weights(averaged)(batch["image"]), batch["label"])
+        online_loss = F.cross_entropy(with_weights(online)(batch["image"]), batch["label"])
+    torch.testing.assert_close(trainer.callback_metrics["val_loss"], ema_loss)
+    assert not torch.allclose(ema_loss, online_loss)
+    # After fit the task evaluates with the averaged weights; so does a task loaded from the checkpoint.
     images = batch_of(seed=3)["image"]
     task.eval()
+    restored = ClassificationTask.load_from_checkpoint(path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(task(images), task.ema.module(task.normalize(images)))
-        assert not torch.allclose(task(images), task.backbone(task.normalize(images)))
-    task.train()
-    assert task.network() is task.backbone  # training runs the online weights
-
-    path = tmp_path / "ema.ckpt"
-    trainer.save_checkpoint(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    assert not any(key.startswith("ema.") for key in checkpoint["state_dict"])
+        torch.testing.assert_close(task(images), with_weights(averaged)(images))
+        torch.testing.assert_close(restored(images), with_weights(averaged)(images))
+        assert not torch.allclose(task(images), with_weights(online)(images))
+    # Pretrained loading (and a distillation teacher) reads a checkpoint's averaged weights.
     name = "blocks.0.attn.qkv.weight"
-    torch.testing.assert_close(checkpoint["state_dict_ema"][f"backbone.{name}"], averaged[name])
-    restored = ClassificationTask.load_from_checkpoint(path)
-    torch.testing.assert_close(restored.ema.module.state_dict()[name], averaged[name])
-    torch.testing.assert_close(restored.backbone.state_dict()[name], online[name])
-    # Pretrained loading reads a checkpoint's EMA weights (timm's convention).
-    torch.testing.assert_close(read_state_dict(str(path))[name], averaged[name])
+    torch.testing.assert_close(read_state_dict(str(path))[name], averaged[f"backbone.{name}"])
+
+
+def test_a_resumed_run_with_ema_ends_as_an_uninterrupted_one(tmp_path):
+    torch.manual_seed(0)
+    reference = tiny_task(lr=1e-2)
+    fit_with_ema(reference, tmp_path / "reference", max_steps=8)
+    torch.manual_seed(0)
+    with pytest.raises(Interrupted):  # after the checkpoint of the end of epoch 0
+        fit_with_ema(tiny_task(lr=1e-2), tmp_path / "run", 8, None, InterruptAtStep(5))
+    stopped = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert stopped["global_step"] == 4
+
+    probe = Weights()
+    fit_with_ema(tiny_task(lr=1e-2), tmp_path / "resumed", 8, tmp_path / "run" / "last.ckpt", probe)
+    # Training continues from the online weights; the average continues from the saved average.
+    for name, value in stopped["current_model_state"].items():
+        assert torch.equal(probe.at_start["weights"][name], value), name
+    for name, value in stopped["state_dict"].items():
+        assert torch.equal(probe.at_start["average"][name], value), name
+    resumed = torch.load(tmp_path / "resumed" / "last.ckpt", map_location="cpu", weights_only=False)
+    expected = torch.load(tmp_path / "reference" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == expected["global_step"] == 8
+    for key in ("state_dict", "current_model_state"):
+        for name, value in expected[key].items():
+            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
 
 
 def test_freeze_backbone_trains_only_the_head():
@@ -331,13 +425,13 @@ def test_timm_vit_small_weights_fine_tune_as_efficient_attention_from_a_lower_lo
     state = torch.load(weights, weights_only=True)
     assert state["pos_embed"].shape == (1, 197, 384)  # the real 224 x 224 shapes
 
-    pretrained = ClassificationTask(backbone="vit_small", num_classes=4,
-                                    backbone_options={"attention": "efficient", "pretrained": str(weights)})
+    pretrained = ClassificationTask(backbone="vit_small", attention="efficient", num_classes=4,
+                                    backbone_options={"pretrained": str(weights)})
     report = pretrained.backbone.load_report
     assert not [key for key in report.missing if "qkv" in key or "proj" in key], report.missing
     assert not report.unexpected and not report.reinitialised_head
     assert "blocks.11.attn.qkv.weight" in report.loaded and "blocks.11.attn.proj.weight" in report.loaded
-    scratch = ClassificationTask(backbone="vit_small", num_classes=4, backbone_options={"attention": "efficient"})
+    scratch = ClassificationTask(backbone="vit_small", attention="efficient", num_classes=4)
 
     val = PatternImages(128, 32, seed=11)
     losses = {}

@@ -20,8 +20,8 @@ from lattn_app.tasks.detection import DetectionTask
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(REPO.glob("configs/coco_*.yaml"))
-SMALL_MODEL = ["--model.neck_channels", "32", "--model.box_head_dim", "64", "--model.mask_head_channels", "16",
-               "--model.box_batch_size_per_image", "32", "--model.rpn_batch_size_per_image", "32"]
+SMALL_MODEL = ["--model.net.neck_channels", "32", "--model.net.box_head_dim", "64", "--model.net.mask_head_channels", "16",
+               "--model.net.box_batch_size_per_image", "32", "--model.net.rpn_batch_size_per_image", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def _cocoeval(gt_path: Path, results_path: Path, iou_type: str) -> np.ndarray:
 def test_fit_test_predict_as_a_user_runs_them(tiny_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     config = str(REPO / "configs/coco_quickstart.yaml")
-    common = ["--config", config, *data_args(tiny_root), *SMALL_MODEL, "--model.score_threshold", "0.0"]
+    common = ["--config", config, *data_args(tiny_root), *SMALL_MODEL, "--model.net.score_threshold", "0.0"]
     main(["fit", *common, "--trainer.max_epochs", "2"])
     out = capsys.readouterr().out
     assert "Validation box AP" in out and "mask AP" in out
@@ -111,7 +111,7 @@ def test_predict_on_a_folder_of_any_images(tiny_root, tmp_path, monkeypatch):
     main(["fit", *common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
           "--trainer.limit_val_batches", "1"])
     main(["predict", *common, "--ckpt_path", "checkpoints/coco_quickstart/last.ckpt", "--data.predict_dir", str(folder),
-          "--model.score_threshold", "0.0"])
+          "--model.net.score_threshold", "0.0"])
     output = tmp_path / "predictions/coco_quickstart"
     results = json.loads((output / "bbox_results.json").read_text())
     assert {r["image_id"] for r in results} <= {0, 1}
@@ -127,9 +127,9 @@ def test_evaluation_targets_stay_in_original_pixels_and_training_ones_follow_the
 
     data = CocoDataModule(root=str(tiny_root), image_size=80, num_workers=0, scale_range=(1.0, 1.0), flip_prob=0.0)
     data.setup("fit")
-    image, target = data.train_dataset[0]
+    image, target = data.datasets["train"][0]
     assert image.shape[1:] == (64, 80) and target["masks"].shape[1:] == (64, 80) and target["size"] == (64, 80)
-    image, target = data.val_dataset[0]
+    image, target = data.datasets["val"][0]
     assert image.shape[1:] == (64, 80) and target["orig_size"] == (128, 160)
     if len(target["labels"]):
         assert target["masks"].shape[1:] == (128, 160)

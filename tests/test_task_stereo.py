@@ -15,14 +15,15 @@ from PIL import Image
 from lattn_app.cli import LattnCLI, main
 from lattn_app.data.io import read_disparity_png16, read_pfm
 from lattn_app.data.synthetic_stereo import ensure_synthetic_sceneflow
+from lattn_app.models.stereo import StereoNetOptions
 from lattn_app.tasks.stereo import StereoTask, mean_disparity_baseline
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/sceneflow_*.yaml"))
 # Small enough for a 2-core CPU: 64 x 128 images, disparities < 28, max_disparity 32.
 TINY_SET = dict(height=64, width=128, train_sequences=3, test_sequences=1, frames_per_sequence=3,
                 min_disparity=2.0, max_disparity=28.0)
-SMALL_MODEL = ["--model.feature_dim", "16", "--model.groups", "4", "--model.volume_channels", "8",
-               "--model.num_hourglasses", "1", "--model.img_size", "[64, 128]"]
+SMALL_MODEL = ["--model.net.feature_dim", "16", "--model.net.groups", "4", "--model.net.volume_channels", "8",
+               "--model.net.num_hourglasses", "1", "--model.net.img_size", "[64, 128]"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 def data_args(root: Path) -> list[str]:
-    return ["--data.root", str(root), "--data.subsets", "[flyingthings3d]", "--data.max_disparity", "32",
+    return ["--data.root", str(root), "--data.subsets", "[flyingthings3d]", "--model.max_disparity", "32",
             "--data.crop_size", "[64, 128]", "--data.batch_size", "2", "--data.num_workers", "0",
             "--data.val_fraction", "0.34"]
 
@@ -93,24 +94,50 @@ def test_baseline_predicts_each_images_mean_valid_disparity():
 
 
 def test_nonfinite_loss_stops_with_the_step_named_or_skips(tiny_root):
-    task = StereoTask(max_disparity=32, feature_dim=16, groups=4, volume_channels=8, num_hourglasses=1,
-                      backbone_options={"num_stages": 2}, img_size=(64, 128))
+    net = StereoNetOptions(feature_dim=16, groups=4, volume_channels=8, num_hourglasses=1, img_size=(64, 128))
+    task = StereoTask(max_disparity=32, backbone_options={"num_stages": 2}, net=net)
     batch = {"left": torch.full((1, 3, 64, 128), math.nan), "right": torch.rand(1, 3, 64, 128),
              "disparity": torch.full((1, 64, 128), 5.0)}
     with pytest.raises(FloatingPointError, match="global step 0"):
         task.training_step(batch, 0)
-    skipping = StereoTask(max_disparity=32, feature_dim=16, groups=4, volume_channels=8, num_hourglasses=1,
-                          backbone_options={"num_stages": 2}, img_size=(64, 128), on_nonfinite_loss="skip")
+    skipping = StereoTask(max_disparity=32, backbone_options={"num_stages": 2}, net=net, on_nonfinite_loss="skip")
     assert skipping.training_step(batch, 0) is None
 
 
-def test_max_disparity_comes_from_the_data(tiny_root, tmp_path, monkeypatch):
+def test_max_disparity_is_the_models_and_unset_comes_from_the_data(tiny_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = str(Path(__file__).resolve().parents[1] / "configs/sceneflow_efficient.yaml")
     cli = LattnCLI(args=["--config", config, *data_args(tiny_root), *SMALL_MODEL], run=False)
-    assert cli.datamodule.max_disparity == cli.model.max_disparity == cli.model.net.max_disparity == 32
+    assert cli.model.max_disparity == cli.model.net.max_disparity == 32  # set in the config: it governs
+    assert cli.model.fill_from_data(cli.datamodule) == {} and cli.model.max_disparity == 32
+    assert cli.datamodule.disparity_range is None  # real Scene Flow states no range
+    unset = [arg for arg in data_args(tiny_root) if arg not in ("--model.max_disparity", "32")]
+    real = LattnCLI(args=["--config", config, *unset, *SMALL_MODEL], run=False)
+    assert real.model.max_disparity is None
+    assert real.model.fill_from_data(real.datamodule) == {"max_disparity": 192}  # PSMNet's range
     embedded = LattnCLI(args=["--config", config, *SMALL_MODEL], run=False)  # root unset: the embedded set
-    assert embedded.datamodule.max_disparity == embedded.model.max_disparity == 48
+    assert embedded.datamodule.disparity_range == 48
+    assert embedded.model.fill_from_data(embedded.datamodule) == {"max_disparity": 48}
+    assert embedded.model.max_disparity == embedded.model.net.max_disparity == embedded.model.hparams.max_disparity == 48
+    assert embedded.model.val_metrics["epe"].max_disparity == 48
+
+
+def test_an_unset_max_disparity_is_recorded_and_then_taken_from_the_checkpoint(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[1] / "configs/sceneflow_efficient.yaml")
+    unset = [arg for arg in data_args(tiny_root) if arg not in ("--model.max_disparity", "32")]
+    main(["fit", "--config", config, *unset, *SMALL_MODEL, "--trainer.max_epochs", "1",
+          "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"])
+    saved = next((tmp_path / "lightning_logs/sceneflow_efficient").glob("version_*/config.yaml")).read_text()
+    assert "max_disparity: 192" in saved  # the config saved with the run says what the model used
+    checkpoint = torch.load(tmp_path / "checkpoints/sceneflow_efficient/last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["max_disparity"] == 192
+    assert "max_disparity: 192" in checkpoint["lattn"]["config"]
+    task = StereoTask(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")
+                         and k != "max_disparity"})
+    assert task.max_disparity is None
+    task.on_load_checkpoint(checkpoint)  # what `lattn test/predict --ckpt_path` does without the option
+    assert task.max_disparity == task.net.max_disparity == 192
 
 
 @pytest.mark.slow

@@ -1,10 +1,10 @@
 """What every token mixer shares: the forward contract, shape checks, q/k/v projections, RoPE.
 
-Contract (see DESIGN.md): ``mixer(x, hw)`` with tokens ``x`` of shape (B, N, C) whose last H*W tokens
-lie on the ``hw = (H, W)`` grid in row-major order and whose first ``N - H*W`` tokens are prefix tokens
-(class token, register tokens); returns (B, N, C). Mechanisms that allow it take a second token set
-``context`` (B, M, C) with its grid ``context_hw`` for cross-attention: queries from ``x``, keys and
-values from ``context``.
+Contract (docs/architecture.md#token-mixer-contract): ``mixer(x, hw)`` with tokens ``x`` of shape
+(B, N, C) whose last H*W tokens lie on the ``hw = (H, W)`` grid in row-major order and whose first
+``N - H*W`` tokens are prefix tokens (class token, register tokens); returns (B, N, C). Mechanisms that
+allow it take a second token set ``context`` (B, M, C) with its grid ``context_hw`` for cross-attention:
+queries from ``x``, keys and values from ``context``.
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ class TokenMixer(nn.Module):
 class QKVAttention(TokenMixer):
     """Multi-head attention skeleton: q/k/v projections, optional 2D RoPE, output projection.
 
-    Subclasses implement :meth:`attend` on per-head tensors (B, heads, N, d). Parameter names (``qkv``,
+    Subclasses implement :meth:`attend` on per-head tensors (B, heads, N, d). They declare only their own
+    options and pass ``**common`` (the options below) on to this ``__init__``, the one place those are
+    declared; :meth:`lattn_app.registry.Entry.accepts` follows them here. Parameter names (``qkv``,
     ``proj``) follow timm's ``Attention`` so a pretrained softmax ViT's weights load into any mechanism.
 
     Mechanisms whose normalisers are sums over all N tokens set ``compute_in_float32``: their
@@ -121,6 +123,10 @@ class QKVAttention(TokenMixer):
     and normalisers in fp32 and stays finite for large N.
     """
 
+    # The skeleton rotates q and k (RoPE) and takes keys and values from a context (cross-attention) for
+    # every subclass; a mechanism that cannot use either says so.
+    supports_rope = True
+    supports_cross_attention = True
     compute_in_float32 = False
 
     def __init__(

@@ -12,6 +12,8 @@ belong to the CARE backbone. Context and normaliser are computed in fp32 under a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -31,26 +33,20 @@ EPSILON = 1e-6
 class CareAttention(QKVAttention):
     """ELU+1 normalised linear attention of the CARE Transformer."""
 
-    supports_rope = True
-    supports_cross_attention = True
     compute_in_float32 = True
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        rope: bool = False,
-        rope_base: float = 100.0,
         value_projection: bool = True,
         output_projection: bool = True,
+        **common: Any,
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, rope, rope_base)
+        super().__init__(dim, num_heads, **common)
         self.value_projection = value_projection
         if not value_projection:
-            self.qkv = nn.Linear(dim, 2 * dim, bias=qkv_bias)  # q and k only; v is the input itself
+            self.qkv = nn.Linear(dim, 2 * dim, bias=self.qkv.bias is not None)  # q and k only; v is the input itself
         if not output_projection:
             self.proj = nn.Identity()
 

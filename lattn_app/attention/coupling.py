@@ -16,6 +16,7 @@ over the grid keys. Cross-attention needs the context on a grid of the same H x 
 
 from __future__ import annotations
 
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -35,21 +36,22 @@ VARIANTS = ("concat", "pooling")
 class CouplingAttention(QKVAttention):
     """Couplformer's coupling attention: (A kron B) applied to v."""
 
-    supports_cross_attention = True
     needs_grid = True
+    supports_rope = False
     compute_in_float32 = True
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
+        variant: str = "concat",
+        scale: float | None = None,
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        variant: str = "concat",
-        scale: float | None = None,
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        # The common options but rope (its row and column maps have no per-token rotation to apply).
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.variant = check_choice("coupling: variant", variant, VARIANTS)
         self.scale = self.head_dim**-0.25 if scale is None else scale
 

@@ -24,6 +24,8 @@ the plain formula under autograd.
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 
 import torch
@@ -172,23 +174,17 @@ def efficient_attention(
 class EfficientAttention(QKVAttention):
     """Efficient Attention with softmax or scaling normalisation."""
 
-    supports_rope = True
-    supports_cross_attention = True
     compute_in_float32 = True
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        rope: bool = False,
-        rope_base: float = 100.0,
         normalization: str = "softmax",
         temperature: bool = False,
+        **common: Any,
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, rope, rope_base)
+        super().__init__(dim, num_heads, **common)
         self.normalization = check_choice("efficient attention: normalization", normalization, NORMALIZATIONS)
         self.temperature = temperature
 

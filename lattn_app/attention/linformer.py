@@ -16,6 +16,8 @@ resolution works); ``on_other_grid="error"`` refuses other grids with the suppor
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -115,8 +117,6 @@ class ProjectQueriesAndCompressedRows(torch.autograd.Function):
 class LinformerAttention(QKVAttention):
     """Linformer attention with shared-across-heads key and value projections."""
 
-    supports_rope = True
-    supports_cross_attention = True
     needs_grid = True
     fixed_grid = True
 
@@ -125,15 +125,11 @@ class LinformerAttention(QKVAttention):
         dim: int,
         num_heads: int = 8,
         grid_size: tuple[int, int] = (14, 14),
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        rope: bool = False,
-        rope_base: float = 100.0,
         k: int = 64,
         on_other_grid: str = "resample",
+        **common: Any,
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, rope, rope_base)
+        super().__init__(dim, num_heads, **common)
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.k = k
         self.on_other_grid = check_grid_policy(on_other_grid, "linformer")

@@ -14,6 +14,8 @@ The depthwise convolution (kernel 33 along the token sequence, per head) is adde
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -54,24 +56,18 @@ def segment_means(t: Tensor, num_segments: int) -> Tensor:
 class NystromAttention(QKVAttention):
     """Nystrom approximation of softmax attention with m landmarks."""
 
-    supports_rope = True
-    supports_cross_attention = True
     compute_in_float32 = True
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        rope: bool = False,
-        rope_base: float = 100.0,
         num_landmarks: int = 64,
         pinv_iterations: int = 6,
         conv_kernel: int | None = 33,
+        **common: Any,
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, rope, rope_base)
+        super().__init__(dim, num_heads, **common)
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
         self.residual_conv = None

@@ -15,6 +15,8 @@ every DDP rank and every resumed run sees the same features.
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 
 import torch
@@ -45,24 +47,18 @@ def orthogonal_random_features(num_features: int, dim: int, generator: torch.Gen
 class PerformerAttention(QKVAttention):
     """FAVOR+ attention with orthogonal random features and periodic redraw."""
 
-    supports_rope = True
-    supports_cross_attention = True
     compute_in_float32 = True
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        rope: bool = False,
-        rope_base: float = 100.0,
         num_features: int | None = None,
         redraw_interval: int | None = 1000,
         feature_seed: int = 0,
+        **common: Any,
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, rope, rope_base)
+        super().__init__(dim, num_heads, **common)
         d = self.head_dim
         self.num_features = num_features or max(1, int(d * math.log(d)))  # m = d ln d by default
         if redraw_interval is not None and redraw_interval < 0:

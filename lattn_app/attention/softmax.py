@@ -8,6 +8,8 @@ comparisons, kept for benchmarks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -25,21 +27,15 @@ from .base import Grid, QKVAttention
 class SoftmaxAttention(QKVAttention):
     """Exact multi-head softmax attention."""
 
-    supports_rope = True
-    supports_cross_attention = True
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        rope: bool = False,
-        rope_base: float = 100.0,
         fused: bool = True,
+        **common: Any,
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, rope, rope_base)
+        super().__init__(dim, num_heads, **common)
         self.fused = fused
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw: Grid | None, kv_hw: Grid | None) -> Tensor:

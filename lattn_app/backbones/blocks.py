@@ -7,7 +7,6 @@ attention registry.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from timm.layers import DropPath, LayerScale, Mlp
@@ -30,7 +29,7 @@ def mixer_options(
     info = attention_info(attention)
     if info.fixed_grid:
         options.setdefault("grid_size", grid)
-    if "num_prefix_tokens" in inspect.signature(info.builder).parameters:
+    if info.accepts("num_prefix_tokens"):
         options.setdefault("num_prefix_tokens", num_prefix_tokens)
     if rope:
         if not info.rope:

@@ -18,7 +18,7 @@ A CARE block sees C = 4g channels split as [memory g | attention g | conv1 g | c
 
 Block output: x + DropPath(gamma * interaction), gamma initialised to 1e-6.
 
-Where this follows the official code over the summary in ALGORITHMS.md:
+Where this follows the official code on points the paper leaves open (docs/methods.md#backbone-care):
 
 - The stage widths are the full block widths C = 4g (official: ``dims = feat_dims + mem_dims``, e.g.
   S0 24 + 8 = 32); the memory is the *first* g channels, the rest are 3g decoupled features.

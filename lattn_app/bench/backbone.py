@@ -9,7 +9,6 @@ softmax attention is measured at the same sizes, and each row shows its speed an
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -23,17 +22,12 @@ from torch.nn import functional as F
 from ..backbones import create_backbone
 from ..registry import BACKBONES
 from . import report
+from .command_line import add_machine_options, benchmark_parser, results_document, set_up_machine
 from .measure import (
     DTYPES,
     LOST_EVENTS_NOTE,
-    MemoryCap,
-    memory_limit_bytes,
     call_with_peak_memory,
-    is_out_of_memory,
-    machine_description,
-    resolve_device,
-    retain_freed_memory,
-    set_threads,
+    run_capped,
     tensor_bytes,
     time_calls,
 )
@@ -143,27 +137,22 @@ def run_backbone_benchmark(backbones: Sequence[str], attentions: Sequence[str], 
             record.update(status="skipped", note=f"not run: ~{predicted:.0f} s per training step predicted")
             records.append(record)
             continue
-        failed = False
-        try:
-            with MemoryCap(memory_limit, device):
-                model = build_network(backbone, attention, size).to(device, DTYPES[dtype])
-                cost = model.complexity(size) if hasattr(model, "complexity") else None
-                generator = torch.Generator().manual_seed(0)
-                images = torch.randn(batch_size, 3, size, size, generator=generator).to(device, DTYPES[dtype])
-                labels = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
-                record.update(measure_network(model, images, labels, device, repeats, point_seconds))
-                if cost is not None:
-                    record.update(params_m=cost.params_m, gmacs=cost.gmacs)
+
+        def measure() -> None:  # its network and images are freed when it returns
+            model = build_network(backbone, attention, size).to(device, DTYPES[dtype])
+            cost = model.complexity(size) if hasattr(model, "complexity") else None
+            generator = torch.Generator().manual_seed(0)
+            images = torch.randn(batch_size, 3, size, size, generator=generator).to(device, DTYPES[dtype])
+            labels = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
+            record.update(measure_network(model, images, labels, device, repeats, point_seconds))
+            if cost is not None:
+                record.update(params_m=cost.params_m, gmacs=cost.gmacs)
+
+        _, failure = run_capped(measure, memory_limit, device)
+        if failure is None:
             slowest[(backbone, attention)] = (size, record["training_ms"] / 1e3)
-        except Exception as error:
-            failed = True
-            if is_out_of_memory(error):
-                record.update(status="oom", note="out of memory")
-            else:
-                record.update(status="error", note=f"{type(error).__name__}: {error}")
-        model = images = None  # noqa: F841 (free before the next point)
-        if failed:
-            gc.collect()
+        else:
+            record.update(failure)
         records.append(record)
 
     baselines = {(r["backbone"], r["image_size"]): r for r in records if r["attention"] == BASELINE}
@@ -188,59 +177,41 @@ TABLE_COLUMNS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lattn bench backbone",
-        description="Images/s (inference and training step), peak memory, parameters and GMACs of each "
-        "backbone with each attention, next to the same backbone with fused softmax attention.",
+    parser = benchmark_parser(
+        "backbone",
+        "Images/s (inference and training step), peak memory, parameters and GMACs of each backbone with each "
+        "attention, next to the same backbone with fused softmax attention.",
+        "vit_tiny at 224 with efficient attention only",
     )
-    parser.add_argument("--quick", action="store_true", help="vit_tiny at 224 with efficient attention only")
     parser.add_argument("--backbones", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_BACKBONES)}")
     parser.add_argument("--attentions", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_ATTENTIONS)}")
     parser.add_argument("--sizes", nargs="+", type=int, default=None,
                         help=f"square image sides (default: {' '.join(map(str, FULL_SIZES))})")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--point-seconds", type=float, default=10.0)
     parser.add_argument("--max-call-seconds", type=float, default=60.0,
                         help="skip a point whose training step is predicted to take longer")
-    parser.add_argument("--memory-limit", type=float, default=None,
-                        help="GiB a point may allocate (default: half the available memory on CPU)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--malloc", choices=("retain", "default"), default="retain",
-                        help="retain (default): glibc keeps freed memory for reuse (see lattn bench attention)")
+    add_machine_options(parser, "point")
     parser.add_argument("--output", default="bench_results/backbone")
     return parser
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
     options = build_parser().parse_args(list(argv))
-    set_threads(options.threads)
-    device = resolve_device(options.device)
-    retained = options.malloc == "retain" and device.type == "cpu" and retain_freed_memory()
-    memory_limit = memory_limit_bytes(options.memory_limit, device)
+    machine = set_up_machine(options)
     backbones = options.backbones or (["vit_tiny"] if options.quick else list(DEFAULT_BACKBONES))
     attentions = options.attentions or (["efficient"] if options.quick else list(DEFAULT_ATTENTIONS))
     sizes = options.sizes or list(QUICK_SIZES if options.quick else FULL_SIZES)
     started = time.perf_counter()
-    records = run_backbone_benchmark(backbones, attentions, sizes, options.batch_size, options.dtype, device,
-                                     options.repeats, options.point_seconds, options.max_call_seconds,
-                                     memory_limit)
-    document = {
-        "benchmark": "backbone",
-        "command": " ".join(["lattn", "bench", "backbone", *argv]),
-        "machine": machine_description(device),
-        "settings": {"backbones": backbones, "attentions": attentions, "sizes": sizes,
-                     "batch_size": options.batch_size, "dtype": options.dtype, "device": str(device),
-                     "memory_limit_bytes": memory_limit,
-                     "malloc": "retain freed memory (mallopt)" if retained else "default"},
-        "seconds": round(time.perf_counter() - started, 1),
-        "results": records,
-    }
-    rows = [report.format_row(record, TABLE_COLUMNS) for record in records]
-    print(report.format_table([name for name, _, _ in TABLE_COLUMNS], rows))
+    records = run_backbone_benchmark(backbones, attentions, sizes, options.batch_size, options.dtype,
+                                     machine.device, options.repeats, options.point_seconds,
+                                     options.max_call_seconds, machine.memory_limit_bytes)
+    settings = {"backbones": backbones, "attentions": attentions, "sizes": sizes, "batch_size": options.batch_size,
+                "dtype": options.dtype}
+    document = results_document("backbone", argv, machine, settings, started, records)
+    print(report.results_table(records, TABLE_COLUMNS))
     written = report.write_outputs(document, Path(options.output), "backbone", TABLE_COLUMNS)
-    print(f"\n{len(records)} points in {document['seconds']:.0f} s; written: "
-          + ", ".join(str(path) for path in written))
+    print("\n" + report.written_line(document, written))
     return document

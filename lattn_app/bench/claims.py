@@ -1,4 +1,4 @@
-"""`lattn bench claims`: the papers' memory claims (ALGORITHMS.md) as ratios measured on this machine.
+"""`lattn bench claims`: the papers' memory claims (docs/methods.md#memory-claims) as ratios measured on this machine.
 
 1. Couplformer: 42% less training memory than the regular Transformer of the same size at 224 on
    ImageNet shapes. Measured: the Swin-like Couplformer with coupling attention against the same network
@@ -28,15 +28,8 @@ from torch.nn import functional as F
 
 from . import report
 from .backbone import build_network, training_step, training_step_peak
-from .measure import (
-    MemoryCap,
-    memory_limit_bytes,
-    is_out_of_memory,
-    machine_description,
-    resolve_device,
-    set_threads,
-    tensor_bytes,
-)
+from .command_line import add_machine_options, benchmark_parser, results_document, set_up_machine
+from .measure import run_capped, tensor_bytes
 
 # Image sizes of the measurements: the papers' settings, and smaller ones for --quick.
 FULL_SETTINGS = {"couplformer_size": 224, "stereo_crop": (256, 512)}
@@ -64,11 +57,11 @@ def classifier_memory(backbone: str, attention: str, options: dict[str, Any] | N
 def stereo_memory(attention: str, options: dict[str, Any] | None, crop: tuple[int, int], batch: int,
                   device: torch.device, attention_only: bool) -> int:
     """Training memory of the stereo network (or of its attention layers alone) at a crop."""
-    from ..models.stereo import StereoNet
+    from ..models.stereo import StereoNet, StereoNetOptions
 
     network = StereoNet(attention=attention, attention_options=options,
                         backbone_options={"attention": attention, "attention_options": options},
-                        img_size=crop).to(device)
+                        options=StereoNetOptions(img_size=crop)).to(device)
     generator = torch.Generator().manual_seed(0)
     if attention_only:
         model = network.attention
@@ -97,15 +90,10 @@ def stereo_memory(attention: str, options: dict[str, Any] | None, crop: tuple[in
     return training_memory(model, step, device)
 
 
-def measure(what: Callable[[], int], memory_limit: int | None, device: torch.device) -> tuple[int | None, str]:
-    """Bytes, or None and "oom" when the measurement ran out of memory under the limit."""
-    try:
-        with MemoryCap(memory_limit, device):
-            return what(), "ok"
-    except Exception as error:
-        if is_out_of_memory(error):
-            return None, "oom"
-        raise
+def measure(what: Callable[[], int], memory_limit: int | None, device: torch.device) -> int | None:
+    """Bytes, or None when the measurement ran out of memory under the limit (any other error stops the
+    run: every claim needs its measurements)."""
+    return run_capped(what, memory_limit, device, raise_errors=True)[0]
 
 
 def _mb(value: int | None) -> str:
@@ -121,10 +109,10 @@ def run_claims(device: torch.device, quick: bool, batch: int, memory_limit: int 
     settings = QUICK_SETTINGS if quick else FULL_SETTINGS
     size = settings["couplformer_size"]
     log(f"claim 1: couplformer_hierarchical at {size}x{size}, batch {batch}")
-    coupled, _ = measure(lambda: classifier_memory("couplformer_hierarchical", "coupling", None, size, batch,
-                                                   device), memory_limit, device)
-    regular, status = measure(lambda: classifier_memory("couplformer_hierarchical", *REGULAR, size, batch,
-                                                        device), memory_limit, device)
+    coupled = measure(lambda: classifier_memory("couplformer_hierarchical", "coupling", None, size, batch,
+                                                device), memory_limit, device)
+    regular = measure(lambda: classifier_memory("couplformer_hierarchical", *REGULAR, size, batch,
+                                                device), memory_limit, device)
     if coupled is not None and regular is not None:
         ours, reduction = f"{1 - coupled / regular:.0%} less", 1 - coupled / regular
     elif coupled is not None:
@@ -141,11 +129,11 @@ def run_claims(device: torch.device, quick: bool, batch: int, memory_limit: int 
     # 2. X-formers vs ViT, CIFAR configuration.
     xbatch = batch if quick else max(batch, 8)
     log(f"claim 2: vix_cifar, batch {xbatch}")
-    vit, _ = measure(lambda: classifier_memory("vix_cifar", *REGULAR, 32, xbatch, device), memory_limit, device)
+    vit = measure(lambda: classifier_memory("vix_cifar", *REGULAR, 32, xbatch, device), memory_limit, device)
     ratios, details = {}, [f"ViT (materialised softmax) {_mb(vit)}"]
     for name in XFORMERS:
-        used, _ = measure(lambda: classifier_memory("vix_cifar", name, None, 32, xbatch, device), memory_limit,
-                          device)
+        used = measure(lambda: classifier_memory("vix_cifar", name, None, 32, xbatch, device), memory_limit,
+                       device)
         details.append(f"{name} {_mb(used)}")
         if used is not None and vit is not None:
             ratios[name] = vit / used
@@ -165,10 +153,10 @@ def run_claims(device: torch.device, quick: bool, batch: int, memory_limit: int 
     log(f"claim 3: stereo network at {crop[0]}x{crop[1]}, batch {batch}")
     results = {}
     for part, attention_only in (("network", False), ("attention layers", True)):
-        efficient, _ = measure(lambda: stereo_memory("efficient", None, crop, batch, device, attention_only),
-                               memory_limit, device)
-        regular, _ = measure(lambda: stereo_memory(*REGULAR, crop, batch, device, attention_only),
-                             memory_limit, device)
+        efficient = measure(lambda: stereo_memory("efficient", None, crop, batch, device, attention_only),
+                            memory_limit, device)
+        regular = measure(lambda: stereo_memory(*REGULAR, crop, batch, device, attention_only),
+                          memory_limit, device)
         results[part] = (efficient, regular)
     ratio_text = []
     for part, (efficient, regular) in results.items():
@@ -196,42 +184,30 @@ TABLE_COLUMNS = (("claim", "claim", "s"), ("paper", "paper", "s"), ("ours", "our
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lattn bench claims",
-        description="The papers' memory claims (Couplformer, X-formers, Efficient Attention in stereo) as "
-        "ratios of training memory measured on this machine; each printed with the paper's number.",
+    parser = benchmark_parser(
+        "claims",
+        "The papers' memory claims (Couplformer, X-formers, Efficient Attention in stereo) as ratios of "
+        "training memory measured on this machine; each printed with the paper's number.",
+        "smaller settings: Couplformer at 112, stereo crop 128x256, ViX batch 1",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller settings: Couplformer at 112, stereo crop 128x256, ViX batch 1")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--memory-limit", type=float, default=None,
-                        help="GiB one measurement may allocate (default: half the available memory on CPU)")
-    parser.add_argument("--threads", type=int, default=None)
+    # No --malloc: claims measure memory, not time (retaining freed memory only speeds up timed calls).
+    add_machine_options(parser, "measurement", malloc=False)
     parser.add_argument("--output", default="bench_results/claims")
     return parser
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
     options = build_parser().parse_args(list(argv))
-    set_threads(options.threads)
-    device = resolve_device(options.device)
-    memory_limit = memory_limit_bytes(options.memory_limit, device)
+    machine = set_up_machine(options)
     started = time.perf_counter()
-    claims = run_claims(device, options.quick, options.batch_size, memory_limit)
-    document = {
-        "benchmark": "claims",
-        "command": " ".join(["lattn", "bench", "claims", *argv]),
-        "machine": machine_description(device),
-        "settings": {"quick": options.quick, "batch_size": options.batch_size, "device": str(device),
-                     "memory_limit_bytes": memory_limit},
-        "seconds": round(time.perf_counter() - started, 1),
-        "results": claims,
-    }
+    claims = run_claims(machine.device, options.quick, options.batch_size, machine.memory_limit_bytes)
+    settings = {"quick": options.quick, "batch_size": options.batch_size}
+    document = results_document("claims", argv, machine, settings, started, claims)
     print()
     for claim in claims:
         print(f"{claim['claim']}\n  setting: {claim['setting']}\n  paper:   {claim['paper']}\n"
               f"  ours:    {claim['ours']}\n  memory:  {claim['detail']}\n")
     written = report.write_outputs(document, Path(options.output), "claims", TABLE_COLUMNS)
-    print(f"{len(claims)} claims in {document['seconds']:.0f} s; written: " + ", ".join(str(p) for p in written))
+    print(report.written_line(document, written, "claims"))
     return document

@@ -13,9 +13,10 @@
 - **FLOPs**: ``torch.utils.flop_counter`` (matrix products, convolutions, attention kernels; element-wise
   work such as softmax and exp is not counted), forward and backward.
 - **Out of memory** is a result: a call that fails to allocate (CUDA's OutOfMemoryError, CPU's
-  "can't allocate memory") is recorded, not raised. :class:`MemoryCap` limits what a call may allocate,
-  on CPU with the data-segment limit of the process (RLIMIT_DATA), so an over-large point fails to
-  allocate instead of swapping or waking the kernel's OOM killer; on CUDA with the allocator's fraction.
+  "can't allocate memory") is recorded, not raised (:func:`run_capped`). :class:`MemoryCap` limits what a
+  call may allocate, on CPU with the data-segment limit of the process (RLIMIT_DATA), so an over-large
+  point fails to allocate instead of swapping or waking the kernel's OOM killer; on CUDA with the
+  allocator's fraction.
 - **Roofline**: the machine's matrix-product FLOP/s and copy bandwidth, measured in the same run, bound
   any operation's time from below by max(FLOPs / FLOP/s, bytes / bandwidth). The attention benchmark
   probes them again at every N and keeps the best reading (a busy machine only lowers a probe).
@@ -32,6 +33,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import platform
@@ -41,12 +43,15 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 
 from ..backbones.base import _EXTRA_FLOP_FORMULAS
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -310,6 +315,29 @@ class MemoryCap:
         if self._restore is not None:
             self._restore()
             self._restore = None
+
+
+def run_capped(fn: Callable[[], T], limit_bytes: int | None, device: torch.device,
+               raise_errors: bool = False) -> tuple[T | None, dict[str, str] | None]:
+    """Call `fn` under a :class:`MemoryCap` of `limit_bytes`; returns its result and None, or None and the
+    failure as a point's ``status`` and ``note``: "oom" ("out of memory") or "error" (the exception), so
+    that one failed point does not stop a benchmark. With `raise_errors`, only running out of memory is
+    a result and other errors propagate. After a failure the memory of the failed call is freed."""
+    try:
+        with MemoryCap(limit_bytes, device):
+            return fn(), None
+    except Exception as error:
+        if is_out_of_memory(error):
+            failure = {"status": "oom", "note": "out of memory"}
+        elif raise_errors:
+            raise
+        else:
+            failure = {"status": "error", "note": f"{type(error).__name__}: {error}"}
+    # Here, after the except block, the traceback and the tensors its frames held are gone.
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None, failure
 
 
 # --------------------------------------------------------------------------------------------- FLOPs

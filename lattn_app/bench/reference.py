@@ -3,7 +3,7 @@
 `lattn bench attention` measures lattn's mechanisms side by side with these (rows named
 ``reference:<mechanism>``), at the same width, heads and options, to check that lattn is at least as fast
 and no hungrier for memory. Nothing can be downloaded on a benchmark machine, so each method's reference
-code path is re-implemented here, minimally and as described in ALGORITHMS.md: the same layout, the same
+code path is re-implemented here, minimally and as described in docs/methods.md: the same layout, the same
 order of operations, the same loops and the same intermediate tensors as the reference, without its
 training-only features. Softmax attention is measured against timm's ``Attention`` itself.
 
@@ -49,7 +49,7 @@ class TimmSoftmaxAttention(ReferenceModule):
 
 
 class ReferenceEfficientAttention(ReferenceModule):
-    """Efficient Attention as the authors' module computes it (ALGORITHMS.md section 1).
+    """Efficient Attention as the authors' module computes it (docs/methods.md#efficient).
 
     Channels-first maps (B, C, H, W); 1x1 convolutions for keys, queries and values; a Python loop over
     heads, each taking a channel slice, softmax over positions for keys and over channels for queries,
@@ -85,7 +85,7 @@ class ReferenceEfficientAttention(ReferenceModule):
 
 
 class ReferencePerformerAttention(ReferenceModule):
-    """FAVOR+ as performer-pytorch computes it (the X-formers' Performer; ALGORITHMS.md section 4).
+    """FAVOR+ as performer-pytorch computes it (the X-formers' Performer; docs/methods.md#performer).
 
     Separate q, k, v linear layers; features by einsum with the projection; the key stabiliser is the
     maximum over the whole key tensor (all samples); 1e-4 added to every feature; the normaliser D^-1
@@ -152,7 +152,7 @@ class ReferenceLinformerAttention(ReferenceModule):
 
 
 class ReferenceNystromAttention(ReferenceModule):
-    """Nystromformer as its reference code computes it (ALGORITHMS.md section 4): fused qkv layer;
+    """Nystromformer as its reference code computes it (docs/methods.md#nystrom): fused qkv layer;
     zero padding at the front up to a multiple of the landmarks, counted in the landmark means; q and k
     scaled by d^-1/4; three softmax kernels; Newton pseudo-inverse initialised with norms over the whole
     batch; depthwise (33 x 1) convolution of v added."""
@@ -201,7 +201,7 @@ class ReferenceNystromAttention(ReferenceModule):
 
 
 class ReferenceCouplingAttention(ReferenceModule):
-    """Coupling attention computed literally as ALGORITHMS.md section 2 states it: per head, q and k
+    """Coupling attention computed literally as docs/methods.md#coupling states it: per head, q and k
     reshaped to rows (H x W*d) and to columns (W x H*d); A = softmax(Q_r K_r^T s), B = softmax(Q_c K_c^T s)
     by matrix products; Y_j = A V_j B^T for every channel j as batched matrix products over (d, H, W)."""
 
@@ -229,7 +229,7 @@ class ReferenceCouplingAttention(ReferenceModule):
 
 
 class ReferenceCareAttention(ReferenceModule):
-    """CARE's linear attention as its reference block computes it (ALGORITHMS.md section 3): one linear
+    """CARE's linear attention as its reference block computes it (docs/methods.md#care): one linear
     layer for q and k, v the input itself, phi = ELU + 1, kv with both factors scaled by N^-1/2,
     z = 1 / (phi(q) . mean phi(k) + 1e-6), no output projection."""
 
@@ -293,7 +293,7 @@ REFERENCES: dict[str, Reference] = {
     "performer": Reference(ReferencePerformerAttention, "performer", "performer-pytorch's FAVOR+ path"),
     "linformer": Reference(ReferenceLinformerAttention, "linformer", "lucidrains' linformer attention"),
     "nystrom": Reference(ReferenceNystromAttention, "nystrom", "the Nystromformer reference attention"),
-    "coupling": Reference(ReferenceCouplingAttention, "coupling", "ALGORITHMS.md's coupling formulas as stated"),
+    "coupling": Reference(ReferenceCouplingAttention, "coupling", "docs/methods.md's coupling formulas as stated"),
     "care": Reference(ReferenceCareAttention, "care-block", "the CARE block's linear attention"),
     "fnet": Reference(ReferenceFNet, "fnet", "FNet's Fourier block (two 1D FFTs)"),
     "mixer": Reference(ReferenceMixerTokenMixing, "mixer", "lucidrains' mlp-mixer token-mixing layers"),

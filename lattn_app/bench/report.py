@@ -68,6 +68,19 @@ def format_markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> st
     return "\n".join(lines)
 
 
+def results_table(records: Sequence[dict[str, Any]], columns: Sequence[Column], markdown: bool = False) -> str:
+    """The results as a table, one row per point: plain text for the terminal, or Markdown."""
+    headers = [header for header, _, _ in columns]
+    rows = [format_row(record, columns) for record in records]
+    return format_markdown(headers, rows) if markdown else format_table(headers, rows)
+
+
+def written_line(document: dict[str, Any], written: Sequence[Path], counted: str = "points") -> str:
+    """"<n> points in <s> s; written: <paths>": the last line a benchmark prints."""
+    return (f"{len(document['results'])} {counted} in {document['seconds']:.0f} s; written: "
+            + ", ".join(str(path) for path in written))
+
+
 def _verdict(target: dict[str, Any]) -> str:
     verdict = {True: "PASS", False: "FAIL", None: "not measured"}[target["passed"]]
     return f"{verdict} (supplementary)" if target.get("supplementary") else verdict
@@ -129,8 +142,8 @@ def machine_line(document: dict[str, Any]) -> str:
 
 
 def markdown_report(document: dict[str, Any], columns: Sequence[Column]) -> str:
-    headers = [header for header, _, _ in columns]
-    rows = [format_row(record, columns) for record in document["results"]]
+    """<name>.md: the command, the machine, the table of every point, its notes and the targets."""
+    table = results_table(document["results"], columns, markdown=True)
     parts = [
         f"# lattn bench {document['benchmark']}",
         "",
@@ -140,7 +153,7 @@ def markdown_report(document: dict[str, Any], columns: Sequence[Column]) -> str:
     ]
     summary_first = document["benchmark"] == "attention"
     if not summary_first:
-        parts += ["", format_markdown(headers, rows)]
+        parts += ["", table]
     if document["benchmark"] == "attention":
         parts += ["", "## Summary: time and memory against N", "", *attention_summary(document["results"])]
         parts += ["", "## Every point"]
@@ -148,7 +161,7 @@ def markdown_report(document: dict[str, Any], columns: Sequence[Column]) -> str:
              f"{r.get('dtype', '')} {r.get('mode', '')}: {r['note']}"
              for r in document["results"] if r.get("note")]
     if summary_first:
-        parts += ["", format_markdown(headers, rows)]
+        parts += ["", table]
     if notes:
         parts += ["", "Notes:", *notes]
     if document.get("targets"):

@@ -7,6 +7,6 @@ default ``~/.cache/lattn``) and says so in the log.
 
 from .classification import CIFARDataModule, ImageFolderDataModule
 from .coco import CocoDataModule
-from .sceneflow import SceneFlowDataModule
+from .stereo import SceneFlowDataModule
 
 __all__ = ["CIFARDataModule", "CocoDataModule", "ImageFolderDataModule", "SceneFlowDataModule"]

@@ -49,21 +49,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from pycocotools import mask as mask_utils
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from .base import LattnDataModule, image_to_tensor
 from .io import read_image
-from .resumable import ResumableDataModule
 from .synthetic_coco import SYNTHETIC_COCO_IMAGE_SIZE, ensure_synthetic_coco
 
 log = logging.getLogger(__name__)
-_warn_rank_zero = rank_zero_only(log.warning)  # logged once in distributed runs (global rank 0)
 
 __all__ = [
     "CocoDataModule",
@@ -264,11 +262,6 @@ class CocoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def seed_transform(self, seed: int) -> None:
-        """Seed the albumentations pipeline's own generator (a resumed run augments each sample as before)."""
-        if hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(seed)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         item = self.images[index]
         image = read_image(item.path)
@@ -308,8 +301,7 @@ class CocoDataset(Dataset):
             "file_name": item.path.name,
             "path": str(item.path),
         }
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
-        return tensor, target
+        return image_to_tensor(image), target
 
 
 def _box_mask(bbox: Sequence[float], height: int, width: int) -> np.ndarray:
@@ -339,8 +331,7 @@ class PredictImageDataset(Dataset):
         image = read_image(self.paths[index])
         h0, w0 = image.shape[:2]
         image = self.transform(image=image)["image"]
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
-        return tensor, {"image_id": index, "orig_size": (h0, w0), "size": tuple(image.shape[:2]),
+        return image_to_tensor(image), {"image_id": index, "orig_size": (h0, w0), "size": tuple(image.shape[:2]),
                         "file_name": self.paths[index].name, "path": str(self.paths[index])}
 
 
@@ -352,12 +343,32 @@ def coco_collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch
 # ------------------------------------------------------------------------------------ datamodule
 
 
-class CocoDataModule(ResumableDataModule):
-    """COCO-format detection + instance segmentation data (see the module docstring)."""
+class CocoDataModule(LattnDataModule):
+    """COCO-format detection + instance segmentation data (see the module docstring).
+
+    Args:
+        train_json, val_json, test_json: COCO instances JSON files, relative to `root` (or absolute).
+            val_json None: no validation; test_json None: no test set (with ``root=None``:
+            ``annotations/instances_test2017.json``).
+        train_images, val_images, test_images: image folders, relative to `root` (or absolute).
+        image_size: images are resized so that their longer side is this many pixels (with ``root=None``
+            at most 160, the embedded images' size).
+        flip_prob: training horizontal-flip probability.
+        scale_range: training resize range, as factors of image_size (crop-free multi-scale training).
+        predict_dir: a folder of images for ``lattn predict`` (image ids are their sorted positions).
+        predict_split: ``"val"`` or ``"test"``: predict over that split's images instead, with their
+            COCO image ids, so that the results JSON can be scored by COCOeval against that split's JSON.
+        **kwargs: ``root`` (the folder holding ``annotations/`` and the image folders; None: the embedded
+            synthetic set, whose test split is then the test set), ``batch_size``, ``eval_batch_size``,
+            ``num_workers`` (:class:`~lattn_app.data.base.LattnDataModule`).
+    """
+
+    layout = "annotations/ (COCO instances JSON files) and the image folders (train2017/, val2017/)"
+    embedded_description = "coloured shapes on textured backgrounds in the COCO format"
+    collate_fn = staticmethod(coco_collate)
 
     def __init__(
         self,
-        root: str | None = None,
         train_json: str = "annotations/instances_train2017.json",
         val_json: str | None = "annotations/instances_val2017.json",
         test_json: str | None = None,
@@ -365,39 +376,16 @@ class CocoDataModule(ResumableDataModule):
         val_images: str = "val2017",
         test_images: str = "test2017",
         image_size: int = 512,
-        batch_size: int = 2,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
         flip_prob: float = 0.5,
         scale_range: tuple[float, float] = (0.75, 1.25),
         predict_dir: str | None = None,
-        predict_split: str | None = None,
+        predict_split: Literal["val", "test"] | None = None,
+        **kwargs: Any,
     ) -> None:
-        """
-        Args:
-            root: the dataset folder. None: the embedded synthetic set (generated once into
-                ``$LATTN_CACHE_DIR`` or ``~/.cache/lattn``), with a warning; its test split is used as test set.
-            train_json, val_json, test_json: COCO instances JSON files, relative to `root` (or absolute).
-                val_json None: no validation; test_json None: no test set (with ``root=None``:
-                ``annotations/instances_test2017.json``).
-            train_images, val_images, test_images: image folders, relative to `root` (or absolute).
-            image_size: images are resized so that their longer side is this many pixels (with ``root=None``
-                at most 160, the embedded images' size).
-            batch_size: training batch size. eval_batch_size: validation/test/predict (default: batch_size).
-            num_workers: data-loader worker processes.
-            flip_prob: training horizontal-flip probability.
-            scale_range: training resize range, as factors of image_size (crop-free multi-scale training).
-            predict_dir: a folder of images for ``lattn predict`` (image ids are their sorted positions).
-            predict_split: ``"val"`` or ``"test"``: predict over that split's images instead, with their
-                COCO image ids, so that the results JSON can be scored by COCOeval against that split's JSON.
-        """
-        super().__init__()
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         if image_size < 16:
             raise ValueError(f"CocoDataModule: image_size must be >= 16 pixels; got {image_size!r}")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or batch_size)):
-            if value < 1:
-                raise ValueError(f"CocoDataModule: {name} must be >= 1; got {value!r}")
         if predict_split not in (None, "val", "test"):
             raise ValueError(f"CocoDataModule: predict_split must be 'val', 'test' or null; got {predict_split!r}")
         if predict_split is not None and predict_dir is not None:
@@ -406,106 +394,100 @@ class CocoDataModule(ResumableDataModule):
             raise ValueError(f"CocoDataModule: flip_prob must be in [0, 1]; got {flip_prob!r}")
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"CocoDataModule: scale_range must be (min, max) with 0 < min <= max; got {scale_range!r}")
-        self.root = root
-        if root is None:
-            data_root = ensure_synthetic_coco()
-            _warn_rank_zero(
-                "No dataset root given: using the EMBEDDED SYNTHETIC COCO-format set at %s (coloured shapes on "
-                "textured backgrounds), NOT the COCO dataset. Numbers on it say nothing about real detection "
-                "accuracy. Pass --data.root /path/to/coco (the folder holding annotations/ and train2017/, "
-                "val2017/) to train on COCO or on your own COCO-format data.", data_root,
-            )
-            if test_json is None:
-                test_json = "annotations/instances_test2017.json"
-            if image_size > SYNTHETIC_IMAGE_SIDE:
-                # COCO configs ask for 1333-pixel images; upscaling 160-pixel shapes 8x only costs time.
-                _warn_rank_zero("image_size %d lowered to %d, the longer side of the embedded images",
-                                image_size, SYNTHETIC_IMAGE_SIDE)
-                image_size = SYNTHETIC_IMAGE_SIDE
-                self.hparams["image_size"] = self._hparams_initial["image_size"] = image_size
-        else:
-            data_root = Path(root).expanduser()
-            if not data_root.is_dir():
-                raise FileNotFoundError(f"CocoDataModule: root {data_root} is not a folder; expected the folder "
-                                        "holding annotations/ and the image folders")
-        self.dataset_root = data_root
-        self.train_json_path = data_root / train_json
-        self.val_coco_gt_path: Path | None = data_root / val_json if val_json else None
-        self.test_coco_gt_path: Path | None = data_root / test_json if test_json else None
-        self.image_dirs = {"train": data_root / train_images, "val": data_root / val_images,
-                           "test": data_root / test_images}
-        # The label mapping, from the smallest file at hand (every split is checked against it in setup).
-        source = self.val_coco_gt_path if self.val_coco_gt_path and self.val_coco_gt_path.is_file() else self.train_json_path
-        categories = read_categories(source)
-        self.category_ids: list[int] = [int(c["id"]) for c in categories]  #: label l -> COCO id category_ids[l - 1]
-        self.class_names: list[str] = [str(c["name"]) for c in categories]  #: label l -> class_names[l - 1]
-        self.num_classes: int = len(categories)  #: without the background (label 0)
-        self.label_to_category_id = {i + 1: cid for i, cid in enumerate(self.category_ids)}
-        self.category_id_to_label = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
+        if self.is_embedded and test_json is None:
+            test_json = "annotations/instances_test2017.json"
+        self.files = {"train": (train_json, train_images), "val": (val_json, val_images),
+                      "test": (test_json, test_images)}
+        self.requested_image_size = image_size
+        self.flip_prob = flip_prob
+        self.scale_range = tuple(scale_range)
         self.predict_dir = predict_dir
         self.predict_split = predict_split
-        self.train_transform = build_transform(image_size, True, flip_prob, tuple(scale_range))
-        self.eval_transform = build_transform(image_size, False)
-        self.train_dataset: CocoDataset | None = None
-        self.val_dataset: CocoDataset | None = None
-        self.test_dataset: CocoDataset | None = None
-        self.predict_dataset: Dataset | None = None
+        self._categories: list[dict] | None = None
 
-    def _dataset(self, split: str, json_path: Path, train: bool) -> CocoDataset:
-        images = load_coco_json(json_path, self.image_dirs[split], self.category_ids, train=train)
+    def build_embedded(self) -> Path:
+        return ensure_synthetic_coco()
+
+    # -------------------------------------------------------------- what the data knows, read on first use
+
+    def json_path(self, split: str) -> Path | None:
+        """The COCO JSON of `split` ("train", "val", "test"), or None when that split has none."""
+        name = self.files[split][0]
+        return self.dataset_root / name if name else None
+
+    @property
+    def val_coco_gt_path(self) -> Path | None:
+        return self.json_path("val")
+
+    @property
+    def test_coco_gt_path(self) -> Path | None:
+        return self.json_path("test")
+
+    @property
+    def image_size(self) -> int:
+        """The longer side images are resized to (on the embedded set at most its images' 160 pixels)."""
+        if self.is_embedded and self.requested_image_size > SYNTHETIC_IMAGE_SIDE:
+            return SYNTHETIC_IMAGE_SIDE  # COCO configs ask for 1333 pixels; upscaling 160-pixel shapes 8x only costs time
+        return self.requested_image_size
+
+    @property
+    def categories(self) -> list[dict]:
+        """The categories of the smallest JSON at hand (every split is checked against them in setup)."""
+        if self._categories is None:
+            val = self.json_path("val")
+            self._categories = read_categories(val if val is not None and val.is_file() else self.json_path("train"))
+        return self._categories
+
+    @property
+    def category_ids(self) -> list[int]:
+        """label l -> COCO id ``category_ids[l - 1]``."""
+        return [int(c["id"]) for c in self.categories]
+
+    @property
+    def class_names(self) -> list[str]:
+        """label l -> ``class_names[l - 1]``."""
+        return [str(c["name"]) for c in self.categories]
+
+    @property
+    def num_classes(self) -> int:
+        """Object categories, without the background (label 0)."""
+        return len(self.categories)
+
+    # ------------------------------------------------------------------------------------- datasets
+
+    def _dataset(self, split: str, train: bool) -> CocoDataset:
+        json_path = self.json_path(split)
+        images = load_coco_json(json_path, self.dataset_root / self.files[split][1], self.category_ids, train=train)
         if not images:
             raise ValueError(f"CocoDataModule: the {split} split is empty: {json_path} lists no image"
                              + (" with a usable (non-crowd, non-degenerate) annotation" if train else ""))
-        return CocoDataset(images, self.category_ids, self.train_transform if train else self.eval_transform, train=train)
+        transform = (build_transform(self.image_size, True, self.flip_prob, self.scale_range) if train
+                     else build_transform(self.image_size, False))
+        return CocoDataset(images, self.category_ids, transform, train=train)
 
     def setup(self, stage: str | None = None) -> None:
         """Parse the JSON files `stage` needs ("fit", "validate", "test", "predict", None: all)."""
-        if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = self._dataset("train", self.train_json_path, train=True)
-        if stage in (None, "fit", "validate") and self.val_dataset is None and self.val_coco_gt_path is not None:
-            self.val_dataset = self._dataset("val", self.val_coco_gt_path, train=False)
-        if stage in (None, "test") and self.test_dataset is None:
-            if self.test_coco_gt_path is None:
-                if stage == "test":
-                    raise ValueError("CocoDataModule: no test set; pass --data.test_json (relative to root) and "
-                                     "--data.test_images")
-            else:
-                self.test_dataset = self._dataset("test", self.test_coco_gt_path, train=False)
-        if stage in (None, "predict") and self.predict_dataset is None:
+        if self.requested_image_size != self.image_size:
+            log.info("CocoDataModule: image_size %d lowered to %d, the longer side of the embedded images",
+                     self.requested_image_size, self.image_size)
+        if stage in (None, "fit") and "train" not in self.datasets:
+            self.datasets["train"] = self._dataset("train", train=True)
+        if stage in (None, "fit", "validate") and "val" not in self.datasets:
+            self.datasets["val"] = self._dataset("val", train=False) if self.files["val"][0] else []
+        if stage in (None, "test") and "test" not in self.datasets:
+            if self.files["test"][0] is not None:
+                self.datasets["test"] = self._dataset("test", train=False)
+            elif stage == "test":
+                raise ValueError("CocoDataModule: no test set; pass --data.test_json (relative to root) and "
+                                 "--data.test_images")
+        if stage in (None, "predict") and "predict" not in self.datasets:
             if self.predict_split is not None:
-                gt_path = self.val_coco_gt_path if self.predict_split == "val" else self.test_coco_gt_path
-                if gt_path is None:
+                if self.files[self.predict_split][0] is None:
                     raise ValueError(f"CocoDataModule: predict_split={self.predict_split!r} but that split has no "
                                      f"JSON; pass --data.{self.predict_split}_json")
-                self.predict_dataset = self._dataset(self.predict_split, gt_path, train=False)
+                self.datasets["predict"] = self._dataset(self.predict_split, train=False)
             elif self.predict_dir is not None:
-                self.predict_dataset = PredictImageDataset(self.predict_dir, self.image_size)
+                self.datasets["predict"] = PredictImageDataset(self.predict_dir, self.image_size)
             elif stage == "predict":
                 raise ValueError("CocoDataModule: nothing to predict; pass --data.predict_dir FOLDER of images or "
                                  "--data.predict_split val|test")
-
-    def _loader(self, dataset: Dataset | None, stage: str, batch_size: int, shuffle: bool = False) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"CocoDataModule: the {stage} dataset is not set up; call setup() first")
-        options = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=coco_collate)
-        if shuffle:  # training: ordered and augmented by (seed, epoch, sample), resumable mid-epoch
-            return self.resumable_train_loader(dataset, batch_size, drop_last=len(dataset) >= batch_size, **options)
-        return self.evaluation_loader(dataset, batch_size, **options)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_coco_gt_path is None:
-            return []
-        return self._loader(self.val_dataset, "val", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test", self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, "predict", self.eval_batch_size)

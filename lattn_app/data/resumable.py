@@ -7,9 +7,11 @@ augmentations drawn from the global random generators come out differently. Thre
 - :class:`ResumableSampler` orders each epoch as a function of (seed, epoch) alone (it is torch's
   DistributedSampler, so under DDP it also picks this process's share) and gives every sample its own
   seed derived from (seed, epoch, index);
-- :class:`SeededDataset` augments each sample with the global random generators (torch, numpy, random,
-  and the dataset's own through its ``seed_transform`` method, if it has one) set from that seed, and puts
-  them back afterwards: augmentation depends neither on the number of workers nor on what ran before;
+- :class:`SeededDataset` augments each sample with the global random generators (torch, numpy, random)
+  and the dataset's own pipeline (its ``transform``, when that has ``set_random_seed`` as albumentations
+  pipelines and :class:`~lattn_app.data.stereo.StereoAugmentation` do) set from that seed, and puts the
+  global ones back afterwards: augmentation depends neither on the number of workers nor on what ran
+  before. This is lattn's one seeding scheme: datasets need no worker seeding of their own;
 - :class:`ResumableDataLoader` counts the batches of the epoch it has given out; after
   ``load_state_dict`` it starts that epoch after those batches, without loading them.
 
@@ -101,8 +103,9 @@ class SeededDataset(Dataset):
         if not isinstance(key, SeededIndex):
             return self.dataset[key]
         with seeded_random_state(key.seed):
-            if hasattr(self.dataset, "seed_transform"):  # pipelines with their own generator (albumentations)
-                self.dataset.seed_transform(key.seed)
+            transform = getattr(self.dataset, "transform", None)
+            if hasattr(transform, "set_random_seed"):  # pipelines with their own generator (albumentations)
+                transform.set_random_seed(key.seed)
             return self.dataset[key.index]
 
 

@@ -13,8 +13,9 @@ checkpoint carries its own normalisation.
   image zero-padded by 4 pixels, horizontal flip).
 
 Random transforms draw from the pipeline's own generator (albumentations does not use the global
-seeds); the data modules reseed it from torch's seed in every data-loader worker, so runs are
-reproducible under ``seed_everything`` and workers do not repeat each other's augmentations.
+seeds); the training loader reseeds it for every sample from (run seed, epoch, sample)
+(:class:`~lattn_app.data.resumable.SeededDataset`), so augmentation is reproducible, resumes exactly
+and does not depend on the number of workers.
 """
 
 from __future__ import annotations

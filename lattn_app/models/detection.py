@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import astuple, dataclass
+from typing import Any, Literal
 
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
@@ -159,42 +160,72 @@ class PreparedImages(GeneralizedRCNNTransform):
         return f"{type(self).__name__}(size_divisible={self.size_divisible})"
 
 
+@dataclass(frozen=True)
+class DetectorOptions:
+    """The detector's architecture beyond its kind, classes, backbone and attention mechanism.
+
+    Args:
+        neck: ``fpn`` (hierarchical backbones), ``simple`` (ViTDet, isotropic ones) or ``auto`` (fpn when
+            the backbone gives several levels, simple when it gives one).
+        neck_channels: channels of every pyramid level (Mask R-CNN: 256).
+        anchor_sizes: one anchor size (pixels) per level; default ``k * stride`` with k 8 (Mask/Faster
+            R-CNN), 4 (RetinaNet, with 3 octave scales per level) or 1 (FCOS).
+        anchor_aspect_ratios: anchor height/width ratios (not FCOS, which is anchor-free).
+        box_head_dim: width of the R-CNN box head (2 FC layers; Mask R-CNN: 1024).
+        mask_head_channels: width of the mask head (4 convs; Mask R-CNN: 256).
+        rpn_batch_size_per_image: anchors sampled per image for the RPN loss (Mask R-CNN: 256).
+        box_batch_size_per_image: proposals sampled per image for the box-head loss (Mask R-CNN: 512).
+        rpn_train_proposals: RPN proposals kept in training, per level before NMS and per image after it
+            (torchvision: 2000; at test time 1000 as in torchvision). Small images with few objects need
+            far fewer, and the RPN's share of the step shrinks with them.
+        score_threshold: detections below this score are dropped before evaluation (COCO practice: 0.05).
+        detections_per_image: the most detections kept per image (COCO: 100).
+        head_norm: ``none`` (torchvision's Mask R-CNN) or ``group``: GroupNorm in the FPN and the R-CNN
+            heads, whose box head then has 4 convs before its FC layer (Mask R-CNN "v2", Detectron2's GN
+            models); it trains faster and is what training without pretrained weights needs.
+    """
+
+    neck: Literal["auto", "fpn", "simple"] = "auto"
+    neck_channels: int = 256
+    anchor_sizes: tuple[float, ...] | None = None
+    anchor_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    box_head_dim: int = 1024
+    mask_head_channels: int = 256
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    rpn_train_proposals: int = 2000
+    score_threshold: float = 0.05
+    detections_per_image: int = 100
+    head_norm: Literal["none", "group"] = "none"
+
+    @classmethod
+    def of(cls, options: DetectorOptions | Mapping[str, Any] | None) -> DetectorOptions:
+        """`options` as DetectorOptions (a checkpoint stores them as a plain dict)."""
+        if options is None:
+            return cls()
+        return options if isinstance(options, cls) else cls(**options)
+
+
 def build_detector(
     detector: str,
     num_classes: int,
     backbone: str,
     backbone_options: dict[str, Any] | None = None,
-    neck: str = "auto",
-    neck_channels: int = 256,
-    anchor_sizes: Sequence[float] | None = None,
-    anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    box_head_dim: int = 1024,
-    mask_head_channels: int = 256,
-    rpn_batch_size_per_image: int = 256,
-    box_batch_size_per_image: int = 512,
-    rpn_train_proposals: int = 2000,
-    score_threshold: float = 0.05,
-    detections_per_image: int = 100,
-    head_norm: str = "none",
+    options: DetectorOptions | None = None,
 ) -> nn.Module:
     """A torchvision detector of kind `detector` on the registry backbone `backbone`.
 
     Args:
+        detector: ``maskrcnn`` (boxes + masks), ``fasterrcnn``, ``retinanet`` or ``fcos`` (boxes).
         num_classes: object classes, without the background (the detector gets ``num_classes + 1``).
-        neck: ``fpn`` (hierarchical backbones), ``simple`` (isotropic ones) or ``auto`` (fpn when the
-            backbone gives several levels, simple when it gives one).
-        anchor_sizes: one anchor size (pixels) per level; default ``k * stride`` with k 8 (Mask/Faster
-            R-CNN), 4 (RetinaNet, with 3 octave scales per level) or 1 (FCOS).
-        box_head_dim, mask_head_channels: widths of the R-CNN box head (2 FC layers) and mask head (4 convs).
-        rpn_batch_size_per_image, box_batch_size_per_image: anchors / proposals sampled per image for the
-            RPN and box-head losses (two-stage detectors).
-        rpn_train_proposals: RPN proposals kept in training, per level before NMS and per image after it
-            (torchvision: 2000; at test time 1000 as in torchvision). Small images with few objects need
-            far fewer, and the RPN's share of the step shrinks with them.
-        head_norm: ``none`` (torchvision's Mask R-CNN) or ``group``: GroupNorm in the FPN and the R-CNN
-            heads, whose box head then has 4 convs before its FC layer (Mask R-CNN "v2", Detectron2's GN
-            models); it trains faster and is what training without pretrained weights needs.
+        backbone: registered backbone with a feature pyramid.
+        backbone_options: the backbone's own options (its ``attention`` included).
+        options: the rest of the architecture (:class:`DetectorOptions`).
     """
+    options = DetectorOptions.of(options)
+    (neck, neck_channels, anchor_sizes, anchor_aspect_ratios, box_head_dim, mask_head_channels,
+     rpn_batch_size_per_image, box_batch_size_per_image, rpn_train_proposals, score_threshold,
+     detections_per_image, head_norm) = astuple(options)
     check_choice("detector", detector, DETECTORS)
     check_choice("head_norm", head_norm, HEAD_NORMS)
     norm = head_norm == "group"

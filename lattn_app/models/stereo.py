@@ -15,8 +15,9 @@ and the prediction is cropped back.
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import astuple, dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +163,64 @@ def disparity_regression(cost: Tensor) -> Tensor:
     return (probabilities * disparities.view(1, -1, 1, 1)).sum(dim=1)
 
 
+def check_max_disparity(max_disparity: Any) -> int:
+    """`max_disparity` if it is a positive multiple of 16, else a ValueError saying why it must be."""
+    if isinstance(max_disparity, bool) or not isinstance(max_disparity, int) or max_disparity < 16 or max_disparity % 16:
+        raise ValueError(
+            f"max_disparity must be a positive multiple of 16 (the 1/4-resolution volume is halved twice "
+            f"by the hourglasses); got {max_disparity!r}"
+        )
+    return max_disparity
+
+
+@dataclass(frozen=True)
+class StereoNetOptions:
+    """The stereo network's architecture beyond its backbone and attention mechanism.
+
+    Args:
+        attention_depth: self-attention (+ cross-attention) layers over the 1/4 features; 0: none.
+        attention_heads: heads of those layers.
+        cross_attention: also attend from each view to the other (the mechanism must support it).
+        rope: 2D rotary position embedding in the attention layers (mechanisms that support it).
+        feature_dim: channels of the fused stride-4 features.
+        cost_volume: ``gwc`` (group-wise correlation) or ``concat`` (PSMNet's concatenation).
+        groups: correlation groups of ``gwc``.
+        volume_channels: channels of the 3D aggregation network.
+        num_hourglasses: stacked 3D hourglasses (PSMNet: 3); each one's output is supervised.
+        img_size: training image size; used by fixed-grid mechanisms (linformer, mixer) only.
+    """
+
+    attention_depth: int = 1
+    attention_heads: int = 4
+    cross_attention: bool = True
+    rope: bool = False
+    feature_dim: int = 64
+    cost_volume: Literal["gwc", "concat"] = "gwc"
+    groups: int = 16
+    volume_channels: int = 32
+    num_hourglasses: int = 3
+    img_size: tuple[int, int] = (256, 512)
+
+    @classmethod
+    def of(cls, options: StereoNetOptions | Mapping[str, Any] | None) -> StereoNetOptions:
+        """`options` as StereoNetOptions (a checkpoint stores them as a plain dict)."""
+        if options is None:
+            return cls()
+        return options if isinstance(options, cls) else cls(**options)
+
+
 class StereoNet(nn.Module):
-    """PSMNet-style stereo network with registry backbone and attention (see the module docstring)."""
+    """PSMNet-style stereo network with registry backbone and attention (see the module docstring).
+
+    Args:
+        max_disparity: largest disparity the cost volume covers (a multiple of 16).
+        backbone: registered backbone giving stride-4 features (``lattn list backbones``); every level
+            of its pyramid is fused into one stride-4 map.
+        backbone_options: the backbone's own options; its ``attention`` defaults to `attention`.
+        attention: registered mechanism of the stereo attention layers (``lattn list attention``).
+        attention_options: that mechanism's own options.
+        options: the rest of the architecture (:class:`StereoNetOptions`).
+    """
 
     def __init__(
         self,
@@ -172,37 +229,29 @@ class StereoNet(nn.Module):
         backbone_options: dict[str, Any] | None = None,
         attention: str = "efficient",
         attention_options: dict[str, Any] | None = None,
-        attention_depth: int = 1,
-        attention_heads: int = 4,
-        cross_attention: bool = True,
-        rope: bool = False,
-        feature_dim: int = 64,
-        cost_volume: str = "gwc",
-        groups: int = 16,
-        volume_channels: int = 32,
-        num_hourglasses: int = 3,
-        img_size: tuple[int, int] = (256, 512),
+        options: StereoNetOptions | None = None,
     ) -> None:
+        options = StereoNetOptions.of(options)
+        (attention_depth, attention_heads, cross_attention, rope, feature_dim, cost_volume, groups, volume_channels,
+         num_hourglasses, img_size) = astuple(options)
         super().__init__()
         check_choice("stereo: cost_volume", cost_volume, COST_VOLUMES)
-        if max_disparity < 16 or max_disparity % 16:
-            raise ValueError(
-                f"max_disparity must be a positive multiple of 16 (the 1/4-resolution volume is halved twice "
-                f"by the hourglasses); got {max_disparity}"
-            )
+        check_max_disparity(max_disparity)
         if num_hourglasses < 1:
             raise ValueError(f"num_hourglasses must be at least 1; got {num_hourglasses}")
         self.max_disparity = max_disparity
         self.cost_volume = cost_volume
         self.groups = groups
 
-        options = dict(backbone_options or {})
-        options.setdefault("num_classes", 0)
-        if "attention" in _parameters(backbone):
-            options.setdefault("attention", attention)
-        if "img_size" in _parameters(backbone):
-            options.setdefault("img_size", tuple(img_size))
-        self.backbone = create_backbone(backbone, **options)
+        self.options = options
+        built = dict(backbone_options or {})
+        built.setdefault("num_classes", 0)
+        entry = BACKBONES.get(backbone)
+        if entry.accepts("attention"):
+            built.setdefault("attention", attention)
+        if entry.accepts("img_size"):
+            built.setdefault("img_size", tuple(img_size))
+        self.backbone = create_backbone(backbone, **built)
         self.backbone.remove_classifier()
         strides = self.backbone.strides
         # Padding makes the stride-4 grid divisible by 4 (the hourglasses halve it twice) and fits the backbone.
@@ -263,8 +312,3 @@ class StereoNet(nn.Module):
                                  align_corners=False)
             outputs.append(disparity_regression(full.squeeze(1))[:, :height, :width])
         return outputs
-
-
-def _parameters(backbone: str) -> set[str]:
-    """Keyword arguments the registered backbone accepts."""
-    return set(inspect.signature(BACKBONES.get(backbone).builder).parameters)

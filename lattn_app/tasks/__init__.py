@@ -1,7 +1,8 @@
 """LightningModules of lattn; the CLI finds them by their short class names (``model: StereoTask``)."""
 
 from .base import LattnTask
-from .classification import ClassificationPredictionWriter, ClassificationTask
+from .classification import ClassificationTask
+from .classification_writer import ClassificationPredictionWriter
 from .detection import DetectionPredictionWriter, DetectionTask
 from .stereo import StereoPredictionWriter, StereoTask
 

@@ -22,10 +22,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
 
@@ -35,11 +36,16 @@ from .record import checkpoint_mismatch, collect_rng_states, restore_rng_states,
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NONFINITE_POLICIES = ("error", "skip")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Learning-rate factor at `step`: linear warm-up to 1, then cosine decay to `min_ratio`."""
+    """Learning-rate factor at `step`: linear warm-up to 1, then cosine decay to `min_ratio`.
+
+    Applied by torch's LambdaLR rather than SequentialLR(LinearLR, CosineAnnealingLR): CosineAnnealingLR's
+    floor ``eta_min`` is one absolute rate for all parameter groups, so under layer-wise decay (0.75 over
+    12 blocks: the first block's rate is 0.03 lr) a floor of 0.01 lr would end that group at 3x the
+    rate it starts with, where this factor ends every group at `min_ratio` of its own rate.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -47,7 +53,26 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 class LattnTask(LightningModule):
-    """Base LightningModule of the lattn tasks. Subclasses set ``self.backbone`` and implement ``training_loss``."""
+    """Base LightningModule of the lattn tasks: the training options every task shares, declared here once.
+
+    Subclasses declare only their own arguments and pass ``**kwargs`` on to ``super().__init__`` (the
+    command line follows them here, so ``--help`` lists these options under each task and checks their
+    names). They set ``self.backbone``, implement :meth:`training_loss`, and may implement
+    :meth:`summary_line` (printed once at the end of ``fit``) and :meth:`fill_from_data`.
+
+    Args:
+        lr: peak learning rate of AdamW (after warm-up).
+        weight_decay: AdamW weight decay (not applied to biases, norms and the backbone's
+            ``no_weight_decay()`` parameters).
+        warmup_epochs: linear warm-up from 0, in epochs (fractions allowed).
+        min_lr_ratio: the cosine decay ends at this fraction of each group's rate.
+        layer_decay: layer-wise learning-rate decay over the backbone's blocks (e.g. 0.75); None: off.
+        freeze_backbone: train only the heads (the backbone's batch-norm statistics stay frozen too).
+        mean: per-channel mean the [0, 1] input images are normalised with.
+        std: per-channel standard deviation of that normalisation.
+        on_nonfinite_loss: ``error`` stops at a NaN/inf training loss (the last checkpoint is kept);
+            ``skip`` skips that optimiser step and counts it.
+    """
 
     backbone: nn.Module
 
@@ -61,10 +86,10 @@ class LattnTask(LightningModule):
         freeze_backbone: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        on_nonfinite_loss: str = "error",
+        on_nonfinite_loss: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
-        check_choice("on_nonfinite_loss", on_nonfinite_loss, NONFINITE_POLICIES)
+        check_choice("on_nonfinite_loss", on_nonfinite_loss, ("error", "skip"))
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1] (e.g. 0.75) or null; got {layer_decay}")
         self.lr = lr
@@ -161,9 +186,34 @@ class LattnTask(LightningModule):
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, weights_only=weights_only, **kwargs)
 
+    def fill_from_data(self, datamodule: Any) -> dict[str, Any]:
+        """Set the arguments left unset (None) that the data determines; return them by name.
+
+        Called before training (by the CLI, so that the saved config records the values, and again by
+        :meth:`setup`); a task that continues from a checkpoint takes the checkpoint's values instead.
+        """
+        return {}
+
     def setup(self, stage: str) -> None:
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
+        if self.trainer.ckpt_path is None:  # from a checkpoint, the checkpoint's values govern
+            self.fill_from_data(self.trainer.datamodule)
+
+    # --- reporting ----------------------------------------------------------------------------------
+    def summary_line(self) -> str | None:
+        """The end-of-training summary (e.g. the validation metric next to its baseline); None: nothing."""
+        return None
+
+    @rank_zero_only
+    def on_fit_end(self) -> None:
+        line = self.summary_line()
+        if line is None:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "best_model_path", "") and checkpoint.best_model_score is not None:
+            line += f"\nBest checkpoint: {checkpoint.best_model_path} ({checkpoint.monitor} {float(checkpoint.best_model_score):.3f})"
+        print(line, flush=True)
 
     def on_train_epoch_start(self) -> None:
         if self.freeze_backbone:

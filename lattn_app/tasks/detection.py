@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,8 +36,8 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..data.io import read_image
-from ..models.detection import build_detector
-from .base import IMAGENET_MEAN, IMAGENET_STD, LattnTask
+from ..models.detection import DetectorOptions, build_detector
+from .base import LattnTask
 
 # The summary numbers of MeanAveragePrecision that are logged (per IoU type).
 LOGGED_AP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
@@ -74,33 +75,14 @@ class DetectionTask(LattnTask):
         num_classes: int = 80,
         category_ids: Sequence[int] | None = None,
         class_names: Sequence[str] | None = None,
-        detector: str = "maskrcnn",
+        detector: Literal["maskrcnn", "fasterrcnn", "retinanet", "fcos"] = "maskrcnn",
         backbone: str = "pyramid_tiny",
         backbone_options: dict[str, Any] | None = None,
         attention: str = "efficient",
-        neck: str = "auto",
-        neck_channels: int = 256,
-        anchor_sizes: Sequence[float] | None = None,
-        anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-        box_head_dim: int = 1024,
-        mask_head_channels: int = 256,
-        rpn_batch_size_per_image: int = 256,
-        box_batch_size_per_image: int = 512,
-        rpn_train_proposals: int = 2000,
-        score_threshold: float = 0.05,
-        detections_per_image: int = 100,
-        head_norm: str = "none",
+        net: DetectorOptions = DetectorOptions(),  # noqa: B008 (frozen: never modified)
         num_logged_images: int = 2,
         logged_score_threshold: float = 0.5,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 0.0,
-        min_lr_ratio: float = 0.01,
-        layer_decay: float | None = None,
-        freeze_backbone: bool = False,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        on_nonfinite_loss: str = "error",
+        **kwargs: Any,
     ) -> None:
         """
         Args:
@@ -113,26 +95,16 @@ class DetectionTask(LattnTask):
             backbone_options: the backbone's own options (e.g. ``pretrained``, ``drop_path_rate``); its
                 ``attention`` defaults to `attention`.
             attention: registered mechanism of the backbone (``lattn list attention``).
-            neck: ``fpn``, ``simple`` (ViTDet) or ``auto`` (fpn for multi-level backbones, simple for isotropic ones).
-            neck_channels: channels of every pyramid level (Mask R-CNN: 256).
-            anchor_sizes: one anchor size in pixels per level; default proportional to the level's stride
-                (Mask R-CNN: 32, 64, 128, 256, 512 for strides 4..64).
-            anchor_aspect_ratios: anchor height/width ratios (not FCOS, which is anchor-free).
-            box_head_dim, mask_head_channels: widths of the R-CNN heads (Mask R-CNN: 1024 and 256).
-            rpn_batch_size_per_image, box_batch_size_per_image: samples per image of the RPN and box-head
-                losses (Mask R-CNN: 256 and 512).
-            rpn_train_proposals: RPN proposals kept per image in training (torchvision: 2000); fewer make
-                training faster where images hold few objects.
-            score_threshold: detections below this score are dropped before evaluation (COCO practice: 0.05).
-            detections_per_image: the most detections kept per image (COCO: 100).
-            head_norm: ``none`` (torchvision's Mask R-CNN heads) or ``group`` (GroupNorm in the FPN and
-                heads, conv box head: trains faster, and without pretrained weights).
+            net: the rest of the detector's architecture (:class:`~lattn_app.models.detection.DetectorOptions`:
+                neck, anchors, head widths and sampling, proposals, score threshold, head norm).
             num_logged_images: images of the first validation batch drawn to TensorBoard with their detections.
             logged_score_threshold: the least score of a drawn detection.
+            **kwargs: the training options of :class:`~lattn_app.tasks.base.LattnTask` (``lr``, ...).
         """
-        super().__init__(lr, weight_decay, warmup_epochs, min_lr_ratio, layer_decay, freeze_backbone, mean, std,
-                         on_nonfinite_loss)
+        super().__init__(**kwargs)
+        net = DetectorOptions.of(net)
         self.save_hyperparameters()
+        self.hparams["net"] = asdict(net)  # checkpoints hold plain values (they load with weights_only=True)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 (object categories, without the background); got {num_classes}")
         if category_ids is not None and len(category_ids) != num_classes:
@@ -146,11 +118,7 @@ class DetectionTask(LattnTask):
         self.num_logged_images = num_logged_images
         self.logged_score_threshold = logged_score_threshold
         options = {"attention": attention, **(backbone_options or {})}
-        self.detector = build_detector(
-            detector, num_classes, backbone, options, neck, neck_channels, anchor_sizes, anchor_aspect_ratios,
-            box_head_dim, mask_head_channels, rpn_batch_size_per_image, box_batch_size_per_image, rpn_train_proposals,
-            score_threshold, detections_per_image, head_norm,
-        )
+        self.detector = build_detector(detector, num_classes, backbone, options, net)
         self.backbone = self.detector.backbone.backbone
         iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
         self.val_map = GatheredMeanAveragePrecision(iou_type=iou_types, backend="pycocotools")
@@ -229,23 +197,15 @@ class DetectionTask(LattnTask):
         return results
 
     # --- reporting ------------------------------------------------------------------------------------
-    def on_fit_end(self) -> None:
-        self.print_summary()
-
-    @rank_zero_only
-    def print_summary(self) -> None:
-        """The end-of-training line: validation AP and the best checkpoint."""
+    def summary_line(self) -> str | None:
+        """Validation box (and mask) AP."""
         metrics = self.trainer.callback_metrics
         if "val_bbox_map" not in metrics:
-            return
+            return None
         parts = [f"box AP {float(metrics['val_bbox_map']):.3f} (AP50 {float(metrics['val_bbox_map_50']):.3f})"]
         if "val_segm_map" in metrics:
             parts.append(f"mask AP {float(metrics['val_segm_map']):.3f} (AP50 {float(metrics['val_segm_map_50']):.3f})")
-        line = "Validation " + ", ".join(parts)
-        checkpoint = self.trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.best_model_path and checkpoint.best_model_score is not None:
-            line += f"\nBest checkpoint: {checkpoint.best_model_path} ({checkpoint.monitor} {float(checkpoint.best_model_score):.3f})"
-        print(line, flush=True)
+        return "Validation " + ", ".join(parts)
 
     @rank_zero_only
     def log_images(self, targets: list[dict[str, Any]], detections: list[dict[str, Tensor]]) -> None:

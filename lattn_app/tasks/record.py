@@ -26,6 +26,8 @@ import torch
 NOT_ARCHITECTURE = {"_class_path", "_instantiator", "lr", "weight_decay", "warmup_epochs", "min_lr_ratio",
                     "layer_decay", "freeze_backbone", "on_nonfinite_loss", "num_logged_images", "teacher_checkpoint",
                     "teacher_backbone", "class_names"}
+# Hyperparameters that a task left unset (None) takes from the checkpoint it loads (StereoTask.max_disparity).
+TAKEN_FROM_CHECKPOINT = {"max_disparity"}
 
 
 def task_name(task_class: type) -> str:
@@ -60,16 +62,27 @@ def describe(task: str | None, hparams: Mapping[str, Any]) -> str:
 
 
 def differing_hparams(trained: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """`key: checkpoint value -> config value` for each architecture hyperparameter that differs."""
+    """`key: checkpoint value -> config value` for each architecture hyperparameter that differs.
+
+    Groups of options (``backbone_options``, StereoTask's ``net``) are compared option by option
+    (``net.feature_dim: 16 -> 24``).
+    """
     def comparable(hparams: Mapping[str, Any]) -> dict[str, Any]:
-        values = {key: value for key, value in hparams.items() if key not in NOT_ARCHITECTURE}
-        if isinstance(values.get("backbone_options"), Mapping):  # the pretrained source is not the architecture
-            values["backbone_options"] = {k: v for k, v in values["backbone_options"].items() if k != "pretrained"}
+        values: dict[str, Any] = {}
+        for key, value in hparams.items():
+            if key in NOT_ARCHITECTURE:
+                continue
+            if isinstance(value, Mapping):
+                # the pretrained source is not the architecture
+                values.update({f"{key}.{k}": v for k, v in value.items() if (key, k) != ("backbone_options", "pretrained")})
+            else:
+                values[key] = value
         return values
 
     trained, current = comparable(trained), comparable(current)
     return [f"{key}: {trained.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(trained) | set(current))
-            if _plain(trained.get(key)) != _plain(current.get(key))]
+            if _plain(trained.get(key)) != _plain(current.get(key))
+            and not (key in TAKEN_FROM_CHECKPOINT and current.get(key) is None)]
 
 
 def _plain(value: Any) -> Any:

@@ -11,7 +11,9 @@ first validation batch every validation run. ``predict`` returns each disparity 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,89 +28,98 @@ from torch import Tensor
 
 from ..data.io import colorize_disparity, write_disparity_png16, write_pfm
 from ..metrics.stereo import EndPointError, stereo_metrics, valid_disparity_mask
-from ..models.stereo import StereoNet
-from .base import IMAGENET_MEAN, IMAGENET_STD, LattnTask
+from ..models.stereo import StereoNet, StereoNetOptions, check_max_disparity
+from .base import LattnTask
+
+log = logging.getLogger(__name__)
 
 PSMNET_LOSS_WEIGHTS = (0.5, 0.7, 1.0)
+DEFAULT_MAX_DISPARITY = 192  # PSMNet's range on Scene Flow
 
 
 class StereoTask(LattnTask):
-    """Stereo matching: PSMNet with registry backbone and attention over 1/4-resolution features."""
+    """Stereo matching: PSMNet with registry backbone and attention over 1/4-resolution features.
+
+    Args:
+        max_disparity: largest disparity the cost volume covers (a multiple of 16). Pixels with ground
+            truth outside (0, max_disparity) are neither trained on nor scored. None (default): the
+            training data's own range where it states one (the embedded synthetic set: 48), else
+            PSMNet's 192; from a checkpoint (``--ckpt_path``), the value it was trained with. The
+            value used is stored in the checkpoint and in the run's saved config.
+        backbone: registered backbone giving stride-4 features (``lattn list backbones``); every
+            level of its pyramid is fused into one stride-4 map.
+        backbone_options: the backbone's own options (e.g. ``num_stages``, ``pretrained``); its
+            ``attention`` defaults to `attention`.
+        attention: registered mechanism of the stereo attention layers and of the backbone
+            (``lattn list attention``).
+        attention_options: that mechanism's own options.
+        net: the rest of the network's architecture (:class:`~lattn_app.models.stereo.StereoNetOptions`:
+            attention depth and heads, cross-attention, cost volume, hourglasses, ...).
+        loss_weights: weight of each hourglass output in the loss; default PSMNet's (0.5, 0.7, 1.0),
+            its last ``net.num_hourglasses`` entries for fewer hourglasses.
+        num_logged_images: images of the first validation batch shown in TensorBoard.
+        **kwargs: the training options of :class:`~lattn_app.tasks.base.LattnTask` (``lr``, ...).
+    """
 
     def __init__(
         self,
-        max_disparity: int = 192,
+        max_disparity: int | None = None,
         backbone: str = "pyramid_tiny",
         backbone_options: dict[str, Any] | None = None,
         attention: str = "efficient",
         attention_options: dict[str, Any] | None = None,
-        attention_depth: int = 1,
-        attention_heads: int = 4,
-        cross_attention: bool = True,
-        rope: bool = False,
-        feature_dim: int = 64,
-        cost_volume: str = "gwc",
-        groups: int = 16,
-        volume_channels: int = 32,
-        num_hourglasses: int = 3,
-        img_size: tuple[int, int] = (256, 512),
+        net: StereoNetOptions = StereoNetOptions(),  # noqa: B008 (frozen: never modified)
         loss_weights: Sequence[float] | None = None,
         num_logged_images: int = 2,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        warmup_epochs: float = 0.0,
-        min_lr_ratio: float = 0.01,
-        layer_decay: float | None = None,
-        freeze_backbone: bool = False,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        on_nonfinite_loss: str = "error",
+        **kwargs: Any,
     ) -> None:
-        """
-        Args:
-            max_disparity: largest disparity the cost volume covers (a multiple of 16); linked from
-                ``data.max_disparity`` by the CLI. Pixels with ground truth outside (0, max_disparity)
-                are neither trained on nor scored.
-            backbone: registered backbone giving stride-4 features (``lattn list backbones``); every
-                level of its pyramid is fused into one stride-4 map.
-            backbone_options: the backbone's own options (e.g. ``num_stages``, ``pretrained``); its
-                ``attention`` defaults to `attention`.
-            attention: registered mechanism of the stereo attention layers (``lattn list attention``).
-            attention_options: that mechanism's own options.
-            attention_depth: number of self-attention (+ cross-attention) layers over the 1/4 features; 0: none.
-            attention_heads: heads of those layers.
-            cross_attention: also attend from each view to the other (the mechanism must support it).
-            rope: 2D rotary position embedding in the attention layers (mechanisms that support it).
-            feature_dim: channels of the fused stride-4 features.
-            cost_volume: ``gwc`` (group-wise correlation) or ``concat`` (PSMNet's concatenation).
-            groups: correlation groups of ``gwc``.
-            volume_channels: channels of the 3D aggregation network.
-            num_hourglasses: stacked 3D hourglasses (PSMNet: 3); each one's output is supervised.
-            img_size: training image size; used by fixed-grid mechanisms (linformer, mixer) only.
-            loss_weights: weight of each hourglass output in the loss; default PSMNet's (0.5, 0.7, 1.0),
-                its last ``num_hourglasses`` entries for fewer hourglasses.
-            num_logged_images: images of the first validation batch shown in TensorBoard.
-        """
-        super().__init__(lr, weight_decay, warmup_epochs, min_lr_ratio, layer_decay, freeze_backbone, mean, std,
-                         on_nonfinite_loss)
+        super().__init__(**kwargs)
+        net = StereoNetOptions.of(net)
         self.save_hyperparameters()
+        self.hparams["net"] = asdict(net)  # checkpoints hold plain values (they load with weights_only=True)
+        num_hourglasses = net.num_hourglasses
         if loss_weights is None:
             loss_weights = PSMNET_LOSS_WEIGHTS[-num_hourglasses:] if num_hourglasses <= 3 else [1.0] * num_hourglasses
         if len(loss_weights) != num_hourglasses:
             raise ValueError(f"loss_weights needs one weight per hourglass ({num_hourglasses}); got {list(loss_weights)}")
         self.loss_weights = list(loss_weights)
-        self.max_disparity = max_disparity
         self.num_logged_images = num_logged_images
-        self.net = StereoNet(
-            max_disparity, backbone, backbone_options, attention, attention_options, attention_depth,
-            attention_heads, cross_attention, rope, feature_dim, cost_volume, groups, volume_channels,
-            num_hourglasses, tuple(img_size),
-        )
+        # Built at PSMNet's range when max_disparity is unset: no weight depends on it (set_max_disparity).
+        self.net = StereoNet(max_disparity or DEFAULT_MAX_DISPARITY, backbone, backbone_options, attention,
+                             attention_options, net)
         self.backbone = self.net.backbone
-        self.val_metrics = stereo_metrics(max_disparity, "val_")
-        self.test_metrics = stereo_metrics(max_disparity, "test_")
-        self.val_baseline = EndPointError(max_disparity)
-        self.test_baseline = EndPointError(max_disparity)
+        self.val_metrics = stereo_metrics(None, "val_")
+        self.test_metrics = stereo_metrics(None, "test_")
+        self.val_baseline = EndPointError()
+        self.test_baseline = EndPointError()
+        self.max_disparity: int | None = None
+        if max_disparity is not None:
+            self.set_max_disparity(max_disparity)
+
+    def set_max_disparity(self, max_disparity: int) -> None:
+        """Use `max_disparity` for the cost volume, the loss and the metrics, and record it as a hyperparameter."""
+        check_max_disparity(max_disparity)
+        self.max_disparity = max_disparity
+        self.net.max_disparity = max_disparity
+        self.hparams["max_disparity"] = max_disparity
+        for metric in (*self.val_metrics.values(), *self.test_metrics.values(), self.val_baseline, self.test_baseline):
+            metric.max_disparity = max_disparity
+
+    def fill_from_data(self, datamodule: Any) -> dict[str, Any]:
+        if self.max_disparity is not None:
+            return {}
+        data_range = getattr(datamodule, "disparity_range", None)
+        max_disparity = DEFAULT_MAX_DISPARITY if data_range is None else int(data_range)
+        log.info("max_disparity %d (%s)", max_disparity,
+                 "PSMNet's range; the data states none" if data_range is None else "the training data's range")
+        self.set_max_disparity(max_disparity)
+        return {"max_disparity": max_disparity}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.max_disparity is None:  # unset: the value the checkpoint was trained with
+            trained = (checkpoint.get("hyper_parameters") or {}).get("max_disparity")
+            self.set_max_disparity(int(trained) if trained is not None else DEFAULT_MAX_DISPARITY)
 
     def forward(self, left: Tensor, right: Tensor) -> Tensor:
         """Views in [0, 1] (B, 3, H, W) of any size -> final disparity (B, H, W) in pixels."""
@@ -148,22 +159,14 @@ class StereoTask(LattnTask):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return {"name": list(batch["name"]), "disparity": self(batch["left"], batch["right"]).float().cpu()}
 
-    def on_fit_end(self) -> None:
-        self.print_summary()
-
-    @rank_zero_only
-    def print_summary(self) -> None:
-        """The end-of-training line: validation EPE next to the trivial baseline's."""
+    def summary_line(self) -> str | None:
+        """Validation EPE next to the trivial baseline's."""
         metrics = self.trainer.callback_metrics
         if "val_epe" not in metrics or "val_baseline_epe" not in metrics:
-            return
+            return None
         epe, baseline = float(metrics["val_epe"]), float(metrics["val_baseline_epe"])
-        line = (f"Validation EPE {epe:.3f} px; trivial baseline (each image's mean disparity) {baseline:.3f} px; "
+        return (f"Validation EPE {epe:.3f} px; trivial baseline (each image's mean disparity) {baseline:.3f} px; "
                 f"ratio {epe / baseline:.3f}")
-        checkpoint = self.trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.best_model_path and checkpoint.best_model_score is not None:
-            line += f"\nBest checkpoint: {checkpoint.best_model_path} ({checkpoint.monitor} {float(checkpoint.best_model_score):.3f})"
-        print(line, flush=True)
 
     @rank_zero_only
     def log_images(self, batch: dict[str, Any], prediction: Tensor) -> None:
@@ -198,16 +201,15 @@ class StereoPredictionWriter(BasePredictionWriter):
 
     ``<name>`` is the left image's path relative to the data root (or its file name for pairs given
     directly) without its extension, under `output_dir`. The 16-bit PNG stores round(256 * disparity)
-    (the KITTI convention); the colour map spans 0 .. max_disparity.
+    (the KITTI convention); the colour map spans 0 .. the model's max_disparity.
     """
 
-    def __init__(self, output_dir: str = "predictions", max_disparity: float | None = None) -> None:
+    def __init__(self, output_dir: str = "predictions") -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
-        self.max_disparity = max_disparity
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        max_disparity = self.max_disparity or getattr(pl_module, "max_disparity", None)
+        max_disparity = getattr(pl_module, "max_disparity", None)  # the model's range (its checkpoint's)
         for name, disparity in zip(prediction["name"], prediction["disparity"]):
             stem = self.output_dir / Path(name).with_suffix("")
             stem.parent.mkdir(parents=True, exist_ok=True)
