@@ -23,15 +23,32 @@ import torch
 import yaml
 from PIL import Image
 
-from lattn_app.cli import main
+from lattn_app.cli import config_chain, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def merged(into: dict, overlay: dict) -> dict:
+    """`overlay` over `into` as LightningCLI reads several configs: groups merge, values and lists replace."""
+    result = dict(into)
+    for key, value in overlay.items():
+        both_groups = isinstance(value, dict) and isinstance(result.get(key), dict) and key.endswith(("model", "data", "init_args", "trainer"))
+        result[key] = merged(result[key], value) if both_groups else value
+    return result
+
+
+def resolved(path: Path) -> dict:
+    """A config with the configs it extends read first."""
+    content: dict = {}
+    for file in config_chain(path):
+        content = merged(content, yaml.safe_load(file.read_text()))
+    return content
 
 
 def classification_configs() -> list[Path]:
     found = []
     for path in sorted(CONFIGS.glob("*.yaml")):
-        model = yaml.safe_load(path.read_text()).get("model", {})
+        model = resolved(path).get("model", {})
         if model.get("class_path", "").split(".")[-1] == "ClassificationTask":
             found.append(path)
     return found
@@ -133,7 +150,7 @@ def test_config_parses(config, in_tmp, capsys):
 
 def small_run_overrides(config: Path, data_roots: dict[str, Path], weights: Path) -> list[str]:
     """Overrides that keep the config's model and recipe but make one batch cheap on a CPU."""
-    content = yaml.safe_load(config.read_text())
+    content = resolved(config)
     data_class = content["data"]["class_path"].split(".")[-1]
     args = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false",
             "--trainer.accumulate_grad_batches", "1"]

@@ -247,8 +247,10 @@ class StereoNet(nn.Module):
         built = dict(backbone_options or {})
         built.setdefault("num_classes", 0)
         entry = BACKBONES.get(backbone)
-        if entry.accepts("attention"):
+        if entry.accepts("attention"):  # the backbone's mechanism is the stereo layers' unless set apart
             built.setdefault("attention", attention)
+            if attention_options is not None and built["attention"] == attention:
+                built.setdefault("attention_options", attention_options)
         if entry.accepts("img_size"):
             built.setdefault("img_size", tuple(img_size))
         self.backbone = create_backbone(backbone, **built)

@@ -31,11 +31,29 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
 
 from .. import __version__
-from ..registry import check_choice
+from ..registry import BACKBONES, check_choice
 from .record import checkpoint_mismatch, collect_rng_states, restore_rng_states, task_name, trained_task_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def backbone_options_with_attention(backbone: str, backbone_options: dict[str, Any] | None, attention: str | None,
+                                    attention_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The backbone's options with the task's attention mechanism and its options filled in.
+
+    Every task takes the mechanism as ``model.attention`` and its options as ``model.attention_options``
+    (one YAML path in every task); they go to the backbone where it accepts them. Setting them inside
+    ``backbone_options`` instead is refused, so that there is only one place to look.
+    """
+    options = dict(backbone_options or {})
+    for name, value in (("attention", attention), ("attention_options", attention_options)):
+        if name in options:
+            raise ValueError(f"backbone_options.{name} is not read: set model.{name}: {options[name]} instead "
+                             "(every task takes the attention mechanism and its options there)")
+        if value is not None and BACKBONES.get(backbone).accepts(name):
+            options[name] = value
+    return options
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

@@ -23,7 +23,6 @@ them to a CSV file.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any, Literal
 
@@ -37,7 +36,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..backbones import create_backbone
 from ..backbones.timm_weights import load_pretrained
 from ..registry import BACKBONES, check_choice
-from .base import LattnTask
+from .base import LattnTask, backbone_options_with_attention
 from .distillation import Distillation, DistillationType, check_distillation
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,7 @@ class ClassificationTask(LattnTask):
         self,
         backbone: str = "vit_small",
         attention: str | None = None,
+        attention_options: dict[str, Any] | None = None,
         backbone_options: dict[str, Any] | None = None,
         num_classes: int = 1000,
         class_names: list[str] | None = None,
@@ -88,10 +88,11 @@ class ClassificationTask(LattnTask):
                 ``care_s0``, ``couplformer``.
             attention: the backbone's attention mechanism (``lattn list attention``), e.g. ``efficient``;
                 None: the backbone's own default.
-            backbone_options: the backbone's own options, e.g. ``attention_options``, ``img_size``,
+            attention_options: that mechanism's own options (e.g. ``{num_features: 110}`` for performer).
+            backbone_options: the backbone's own options, e.g. ``img_size``,
                 ``drop_path_rate``, ``pretrained`` (a local weights file, a lattn ``.ckpt`` or a timm model
                 name; for backbones without a ``pretrained`` option the task loads it the same way). Not
-                ``num_classes`` (the task's own argument) nor ``attention`` (`attention` above).
+                ``num_classes`` (the task's own argument) nor ``attention``/``attention_options`` (above).
             num_classes: classifier outputs; the backbone's head is built for it (a pretrained head of
                 another class count stays initialised). Linked from ``data.num_classes`` by the CLI.
             class_names: one name per class, used by ``predict``; linked from ``data.class_names``.
@@ -141,7 +142,9 @@ class ClassificationTask(LattnTask):
         self.class_names = list(class_names) if class_names is not None else None
         self.label_smoothing = label_smoothing
 
-        self.backbone = build_classifier_backbone(backbone, backbone_options, num_classes, attention)
+        self.backbone = build_classifier_backbone(
+            backbone, backbone_options_with_attention(backbone, backbone_options, attention, attention_options),
+            num_classes)
 
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
@@ -260,9 +263,8 @@ class ClassificationTask(LattnTask):
         return f"Validation accuracy {float(metrics['val_acc']):.3f} (chance {1 / self.num_classes:.3f})"
 
 
-def build_classifier_backbone(name: str, options: dict[str, Any] | None, num_classes: int,
-                              attention: str | None = None) -> nn.Module:
-    """Backbone `name` with a `num_classes` head and, unless None, the attention mechanism `attention`.
+def build_classifier_backbone(name: str, options: dict[str, Any] | None, num_classes: int) -> nn.Module:
+    """Backbone `name` with its `options` and a `num_classes` head.
 
     ``pretrained`` is loaded by the task for backbones that have no such option (``load_report`` is set
     on the backbone either way).
@@ -273,14 +275,8 @@ def build_classifier_backbone(name: str, options: dict[str, Any] | None, num_cla
             "backbone_options must not set num_classes: the task builds the head for its own num_classes "
             "(linked from data.num_classes on the command line)"
         )
-    if "attention" in options:
-        raise ValueError(f"backbone_options.attention is not read: set model.attention: {options['attention']} "
-                         "(the attention mechanism of the backbone) instead")
-    if attention is not None:
-        options["attention"] = attention
     pretrained = None
-    builder = BACKBONES.get(name).builder
-    if "pretrained" in options and "pretrained" not in inspect.signature(builder).parameters:
+    if "pretrained" in options and not BACKBONES.get(name).accepts("pretrained"):
         pretrained = options.pop("pretrained")
     model = create_backbone(name, num_classes=num_classes, **options)
     if pretrained:

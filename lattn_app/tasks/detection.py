@@ -37,7 +37,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..data.io import read_image
 from ..models.detection import DetectorOptions, build_detector
-from .base import LattnTask
+from .base import LattnTask, backbone_options_with_attention
 
 # The summary numbers of MeanAveragePrecision that are logged (per IoU type).
 LOGGED_AP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
@@ -79,6 +79,7 @@ class DetectionTask(LattnTask):
         backbone: str = "pyramid_tiny",
         backbone_options: dict[str, Any] | None = None,
         attention: str = "efficient",
+        attention_options: dict[str, Any] | None = None,
         net: DetectorOptions = DetectorOptions(),  # noqa: B008 (frozen: never modified)
         num_logged_images: int = 2,
         logged_score_threshold: float = 0.5,
@@ -92,9 +93,9 @@ class DetectionTask(LattnTask):
             class_names: names of the labels, for drawn predictions; linked from the datamodule.
             detector: ``maskrcnn`` (boxes + masks), ``fasterrcnn``, ``retinanet`` or ``fcos`` (boxes).
             backbone: registered backbone with a feature pyramid (``lattn list backbones``).
-            backbone_options: the backbone's own options (e.g. ``pretrained``, ``drop_path_rate``); its
-                ``attention`` defaults to `attention`.
+            backbone_options: the backbone's own options (e.g. ``pretrained``, ``drop_path_rate``).
             attention: registered mechanism of the backbone (``lattn list attention``).
+            attention_options: that mechanism's own options.
             net: the rest of the detector's architecture (:class:`~lattn_app.models.detection.DetectorOptions`:
                 neck, anchors, head widths and sampling, proposals, score threshold, head norm).
             num_logged_images: images of the first validation batch drawn to TensorBoard with their detections.
@@ -117,7 +118,7 @@ class DetectionTask(LattnTask):
         self.with_masks = detector == "maskrcnn"
         self.num_logged_images = num_logged_images
         self.logged_score_threshold = logged_score_threshold
-        options = {"attention": attention, **(backbone_options or {})}
+        options = backbone_options_with_attention(backbone, backbone_options, attention, attention_options)
         self.detector = build_detector(detector, num_classes, backbone, options, net)
         self.backbone = self.detector.backbone.backbone
         iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
