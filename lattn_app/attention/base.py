@@ -123,6 +123,7 @@ class QKVAttention(TokenMixer):
     and normalisers in fp32 and stays finite for large N.
     """
 
+    # Each mechanism's class repeats the shape of these attributes and signature on purpose.
     # The skeleton rotates q and k (RoPE) and takes keys and values from a context (cross-attention) for
     # every subclass; a mechanism that cannot use either says so.
     supports_rope = True

@@ -24,6 +24,7 @@ from .base import Grid, QKVAttention, fused_projection_pays
 EPSILON = 1e-6
 
 
+# Registered like every mechanism (decorator, class, its own options): that shared shape is on purpose.
 @ATTENTIONS.register(
     "care",
     description="CARE linear attention: ELU+1 feature map, normalised by phi(q) . mean phi(k)",

@@ -27,6 +27,7 @@ from .base import Grid, QKVAttention, num_prefix
 VARIANTS = ("concat", "pooling")
 
 
+# Registered like every mechanism (decorator, class, its own options): that shared shape is on purpose.
 @ATTENTIONS.register(
     "coupling",
     description="Couplformer: attention map coupled from an H x H row map and a W x W column map",

@@ -165,6 +165,7 @@ def efficient_attention(
     return softmax_query_output(q, context)
 
 
+# Registered like every mechanism (decorator, class, its own options): that shared shape is on purpose.
 @ATTENTIONS.register(
     "efficient",
     description="Efficient Attention (Shen et al.): softmax-normalised q, k; d x d context first",

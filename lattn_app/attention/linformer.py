@@ -108,6 +108,7 @@ class ProjectQueriesAndCompressedRows(torch.autograd.Function):
         return (grad_weight, *grad_inputs, None, None, None, None)
 
 
+# Registered like every mechanism (decorator, class, its own options): that shared shape is on purpose.
 @ATTENTIONS.register(
     "linformer",
     description="Linformer: learned length-k projections of keys and values (built for one grid)",

@@ -18,6 +18,7 @@ from ..registry import ATTENTIONS
 from .base import Grid, TokenMixer, check_grid_policy, num_prefix, resample_grid_weight
 
 
+# Registered like every mechanism (decorator, class, its own options): that shared shape is on purpose.
 @ATTENTIONS.register(
     "mixer",
     description="MLP-Mixer token-mixing MLP across the N tokens (built for one grid)",

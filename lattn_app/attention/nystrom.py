@@ -47,6 +47,7 @@ def segment_means(t: Tensor, num_segments: int) -> Tensor:
     return sums / counts[:, None]
 
 
+# Registered like every mechanism (decorator, class, its own options): that shared shape is on purpose.
 @ATTENTIONS.register(
     "nystrom",
     description="Nystromformer: segment-mean landmarks, Newton pseudo-inverse, conv residual",

@@ -38,6 +38,7 @@ def orthogonal_random_features(num_features: int, dim: int, generator: torch.Gen
     return (norms[:, None] * rows).float()
 
 
+# Registered like every mechanism (decorator, class, its own options): that shared shape is on purpose.
 @ATTENTIONS.register(
     "performer",
     description="Performer FAVOR+: positive orthogonal random features approximating softmax",

@@ -265,6 +265,7 @@ class CouplformerStage(nn.Module):
         return tokens.view(batch, height, width, channels)
 
 
+# Repeats the flat model's options on purpose: each model's signature lists its options explicitly.
 class CouplformerHierarchical(Backbone):
     """Swin-like Couplformer: 4x4 patches, stages with global attention and patch merging between them.
 

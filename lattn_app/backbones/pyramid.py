@@ -145,6 +145,7 @@ def _per_stage(name: str, value: Any, num_stages: int, total: int) -> list[Any]:
     return [value] * num_stages
 
 
+# Backbone constructors share the shape of their common options on purpose: explicit signatures.
 class PyramidTransformer(Backbone):
     """Hierarchical transformer with attention at every stage (strides 4/8/16/32), any token mixer."""
 

@@ -157,6 +157,7 @@ def _readme(image_size: tuple[int, int], counts: dict[str, int], seed: int) -> s
     ]) + "\n"
 
 
+# Shaped like the other embedded sets' ensure_* (cache folder, counts, seed): on purpose, one per set.
 def ensure_synthetic_coco(
     cache_dir: str | Path | None = None,
     *,

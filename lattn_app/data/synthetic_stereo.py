@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -51,7 +52,7 @@ __all__ = [
     "generate_synthetic_sceneflow",
     "render_sequence",
     "sequence_folder",
-    "synthetic_set_name",
+    "SyntheticSceneFlow",
 ]
 
 # Bump when the generated content changes: the cache folder name carries it, so old sets are not reused.
@@ -317,25 +318,54 @@ def sequence_folder(index: int) -> str:
     return f"{SEQUENCE_LETTERS[index % len(SEQUENCE_LETTERS)]}/{index // len(SEQUENCE_LETTERS):04d}"
 
 
-def generate_synthetic_sceneflow(
-    root: str | Path,
-    *,
-    height: int = 128,
-    width: int = 256,
-    train_sequences: int = 40,
-    test_sequences: int = 10,
-    frames_per_sequence: int = 4,
-    min_disparity: float = 2.0,
-    max_disparity: float = 44.0,
-    subpixel: bool = True,
-    seed: int = 0,
-) -> Path:
+@dataclass(frozen=True)
+class SyntheticSceneFlow:
+    """The parameters of one synthetic Scene Flow set (the one place they and their defaults are declared).
+
+    Args:
+        height: image height in pixels.
+        width: image width in pixels.
+        train_sequences: number of TRAIN sequences (``A/0000``, ``B/0000``, ``C/0000``, ``A/0001``, ...).
+        test_sequences: number of TEST sequences.
+        frames_per_sequence: frames per sequence, numbered from 0006 as in FlyingThings3D.
+        min_disparity: smallest disparity of the background, in pixels.
+        max_disparity: largest disparity of the foreground shapes, in pixels (at most width / 2).
+        subpixel: slanted surfaces at real-valued disparities (default); False puts every surface at a
+            constant integer disparity, for exact pixel-matching checks.
+        seed: the seed of the whole set; the same parameters always give byte-identical files.
+    """
+
+    height: int = 128
+    width: int = 256
+    train_sequences: int = 40
+    test_sequences: int = 10
+    frames_per_sequence: int = 4
+    min_disparity: float = 2.0
+    max_disparity: float = 44.0
+    subpixel: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_parameters(self.height, self.width, self.train_sequences, self.test_sequences,
+                          self.frames_per_sequence, self.min_disparity, self.max_disparity)
+
+    @property
+    def name(self) -> str:
+        """The cache sub-folder name of this parameter set (it carries the generator version)."""
+        return (f"sceneflow_synthetic_{SYNTHETIC_VERSION}_{self.height}x{self.width}_train{self.train_sequences}"
+                f"_test{self.test_sequences}_f{self.frames_per_sequence}_d{self.min_disparity:g}-"
+                f"{self.max_disparity:g}_{'sub' if self.subpixel else 'int'}_seed{self.seed}")
+
+
+def generate_synthetic_sceneflow(root: str | Path, **parameters: Any) -> Path:
     """Write the synthetic set into `root` (created if needed), without caching; returns `root`.
 
     Most callers want :func:`ensure_synthetic_sceneflow`, which calls this once per parameter set
-    and makes the result appear atomically. The parameters are those of that function.
+    and makes the result appear atomically. `parameters`: those of :class:`SyntheticSceneFlow`.
     """
-    _check_parameters(height, width, train_sequences, test_sequences, frames_per_sequence, min_disparity, max_disparity)
+    spec = SyntheticSceneFlow(**parameters)
+    (height, width, train_sequences, test_sequences, frames_per_sequence, min_disparity, max_disparity, subpixel,
+     seed) = astuple(spec)
     root = Path(root)
     things = root / "FlyingThings3D"
     for split_index, (split, count) in enumerate(zip(SPLITS, (train_sequences, test_sequences))):
@@ -359,48 +389,16 @@ def generate_synthetic_sceneflow(
     return root
 
 
-def synthetic_set_name(*, height: int = 128, width: int = 256, train_sequences: int = 40, test_sequences: int = 10,
-                       frames_per_sequence: int = 4, min_disparity: float = 2.0, max_disparity: float = 44.0,
-                       subpixel: bool = True, seed: int = 0) -> str:
-    """The cache sub-folder name of a parameter set (it carries the generator version)."""
-    return (f"sceneflow_synthetic_{SYNTHETIC_VERSION}_{height}x{width}_train{train_sequences}_test{test_sequences}"
-            f"_f{frames_per_sequence}_d{min_disparity:g}-{max_disparity:g}_{'sub' if subpixel else 'int'}_seed{seed}")
-
-
-def ensure_synthetic_sceneflow(
-    cache_dir: str | Path | None = None,
-    *,
-    height: int = 128,
-    width: int = 256,
-    train_sequences: int = 40,
-    test_sequences: int = 10,
-    frames_per_sequence: int = 4,
-    min_disparity: float = 2.0,
-    max_disparity: float = 44.0,
-    subpixel: bool = True,
-    seed: int = 0,
-) -> Path:
+def ensure_synthetic_sceneflow(cache_dir: str | Path | None = None, **parameters: Any) -> Path:
     """Return the root of the synthetic Scene Flow set, generating it on the first call.
 
     Args:
         cache_dir: folder that holds generated sets; default ``$LATTN_CACHE_DIR`` or ``~/.cache/lattn``.
-        height: image height in pixels.
-        width: image width in pixels.
-        train_sequences: number of TRAIN sequences (``A/0000``, ``B/0000``, ``C/0000``, ``A/0001``, ...).
-        test_sequences: number of TEST sequences.
-        frames_per_sequence: frames per sequence, numbered from 0006 as in FlyingThings3D.
-        min_disparity: smallest disparity of the background, in pixels.
-        max_disparity: largest disparity of the foreground shapes, in pixels (at most width / 2).
-        subpixel: slanted surfaces at real-valued disparities (default); False puts every surface at a
-            constant integer disparity, for exact pixel-matching checks.
-        seed: the seed of the whole set; the same parameters always give byte-identical files.
+        parameters: the set's parameters (:class:`SyntheticSceneFlow`; a typo is an error naming it).
 
     Returns:
         The root folder: ``root/FlyingThings3D/{frames_cleanpass,frames_finalpass,disparity}/...``.
     """
-    parameters = dict(height=height, width=width, train_sequences=train_sequences, test_sequences=test_sequences,
-                      frames_per_sequence=frames_per_sequence, min_disparity=min_disparity,
-                      max_disparity=max_disparity, subpixel=subpixel, seed=seed)
-    _check_parameters(height, width, train_sequences, test_sequences, frames_per_sequence, min_disparity, max_disparity)
-    return build_once(cache_dir, synthetic_set_name(**parameters),
-                      lambda folder: generate_synthetic_sceneflow(folder, **parameters), "synthetic Scene Flow set")
+    spec = SyntheticSceneFlow(**parameters)
+    return build_once(cache_dir, spec.name, lambda folder: generate_synthetic_sceneflow(folder, **parameters),
+                      "synthetic Scene Flow set")

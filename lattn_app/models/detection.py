@@ -185,6 +185,7 @@ class DetectorOptions:
             models); it trains faster and is what training without pretrained weights needs.
     """
 
+    # Typed fields with defaults, the shape of every options dataclass (StereoNetOptions, ...): on purpose.
     neck: Literal["auto", "fpn", "simple"] = "auto"
     neck_channels: int = 256
     anchor_sizes: tuple[float, ...] | None = None

@@ -63,6 +63,7 @@ class ClassificationTask(LattnTask):
 
     def __init__(
         self,
+        # Shaped like the backbones' own signatures on purpose (explicit arguments: exact --help).
         backbone: str = "vit_small",
         attention: str | None = None,
         attention_options: dict[str, Any] | None = None,

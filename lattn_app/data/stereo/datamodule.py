@@ -58,6 +58,7 @@ class StereoDataModule(LattnDataModule):
 
     def __init__(
         self,
+        # StereoAugmentation's options again, on purpose: each is a --data.* option with its own help.
         crop_size: tuple[int, int] | None = (256, 512),
         val_fraction: float = 0.05,
         val_seed: int = 0,
