@@ -15,6 +15,9 @@ from PIL import Image
 from lattn_app.cli import LattnCLI, main
 from lattn_app.data.io import read_disparity_png16, read_pfm
 from lattn_app.data.synthetic_stereo import ensure_synthetic_sceneflow
+from lightning.pytorch import Trainer
+
+from lattn_app.data.stereo import SceneFlowDataModule
 from lattn_app.models.stereo import StereoNetOptions
 from lattn_app.tasks.stereo import StereoTask, mean_disparity_baseline
 
@@ -138,6 +141,17 @@ def test_an_unset_max_disparity_is_recorded_and_then_taken_from_the_checkpoint(t
     assert task.max_disparity is None
     task.on_load_checkpoint(checkpoint)  # what `lattn test/predict --ckpt_path` does without the option
     assert task.max_disparity == task.net.max_disparity == 192
+
+    # Predicting with data that states another range (root unset: the embedded set's 48) keeps the checkpoint's.
+    left = next(tiny_root.glob("FlyingThings3D/frames_cleanpass/TEST/*/*/left/*.png"))
+    data = SceneFlowDataModule(root=None, predict_pairs=[[str(left), str(left.parents[1] / "right" / left.name)]],
+                               num_workers=0, eval_batch_size=1)
+    assert data.disparity_range == 48
+    fresh = StereoTask(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")
+                          and k != "max_disparity"})
+    Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False).predict(
+        fresh, datamodule=data, ckpt_path=tmp_path / "checkpoints/sceneflow_efficient/last.ckpt")
+    assert fresh.max_disparity == fresh.net.max_disparity == 192
 
 
 @pytest.mark.slow

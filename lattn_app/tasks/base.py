@@ -207,16 +207,31 @@ class LattnTask(LightningModule):
     def fill_from_data(self, datamodule: Any) -> dict[str, Any]:
         """Set the arguments left unset (None) that the data determines; return them by name.
 
-        Called before training (by the CLI, so that the saved config records the values, and again by
-        :meth:`setup`); a task that continues from a checkpoint takes the checkpoint's values instead.
+        Called by the CLI before training (so that the saved config records the values) and when a
+        stage starts, after a checkpoint is loaded: a task loaded from a checkpoint has the checkpoint's
+        values by then (its ``on_load_checkpoint``), and only what is still unset is taken from the data.
         """
         return {}
+
+    def _fill_unset_from_data(self) -> None:
+        self.fill_from_data(getattr(self.trainer, "datamodule", None))
+
+    # Lightning loads a --ckpt_path checkpoint after setup() and before these hooks.
+    def on_fit_start(self) -> None:
+        self._fill_unset_from_data()
+
+    def on_validation_start(self) -> None:
+        self._fill_unset_from_data()
+
+    def on_test_start(self) -> None:
+        self._fill_unset_from_data()
+
+    def on_predict_start(self) -> None:
+        self._fill_unset_from_data()
 
     def setup(self, stage: str) -> None:
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
-        if self.trainer.ckpt_path is None:  # from a checkpoint, the checkpoint's values govern
-            self.fill_from_data(self.trainer.datamodule)
 
     # --- reporting ----------------------------------------------------------------------------------
     def summary_line(self) -> str | None:
