@@ -9,7 +9,6 @@ softmax attention is measured at the same sizes, and each row shows its speed an
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,20 +38,13 @@ FULL_SIZES = (224, 512, 1024)
 QUICK_SIZES = (224,)
 
 
-def accepts(builder: Callable[..., Any], name: str) -> bool:
-    """Whether a registry builder (class, function or preset) takes the keyword `name`."""
-    target = getattr(builder, "func", builder)
-    return name in inspect.signature(target).parameters
-
-
 def build_network(backbone: str, attention: str, image_size: int, num_classes: int = 1000,
                   attention_options: dict[str, Any] | None = None) -> nn.Module:
     """The backbone with `attention` in every attention layer, built for `image_size` images."""
-    builder = BACKBONES.get(backbone).builder
     options: dict[str, Any] = {"attention": attention, "num_classes": num_classes}
     if attention_options:
         options["attention_options"] = attention_options
-    if accepts(builder, "img_size"):
+    if BACKBONES.get(backbone).accepts("img_size"):
         options["img_size"] = image_size
     return create_backbone(backbone, **options)
 

@@ -169,7 +169,10 @@ class LattnTask(LightningModule):
         """Refuse a checkpoint of another task or architecture (before Lightning loads its weights)."""
         problem = checkpoint_mismatch(checkpoint, type(self), self.hparams, self.state_dict())
         if problem is not None:
-            path = self._trainer.ckpt_path if self._trainer is not None else None
+            try:  # attached to a Trainer (lattn validate/test/predict --ckpt_path), or Task.load_from_checkpoint
+                path = self.trainer.ckpt_path
+            except RuntimeError:
+                path = None
             raise ValueError(f"{path or 'checkpoint'}: {problem}")
         record = checkpoint.get("lattn") or {}
         self.skipped_steps = record.get("skipped_steps", 0)

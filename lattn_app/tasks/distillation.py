@@ -9,7 +9,6 @@ the student nor part of its checkpoint.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.timm_weights import read_state_dict
-from ..registry import BACKBONES, check_choice
+from ..registry import BACKBONES, builder_options, check_choice
 
 __all__ = ["Distillation", "DistillationType", "NormalizedTeacher", "check_distillation", "distillation_loss",
            "load_teacher"]
@@ -150,14 +149,11 @@ def task_from_checkpoint(path: Path) -> nn.Module:
     Those are the checkpoint's ``state_dict`` (the averaged weights of a run with
     :class:`~lattn_app.callbacks.LattnEMA`). Its own pretrained source and teacher are not reloaded.
     """
-    from .base import LattnTask
     from .classification import ClassificationTask
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    accepted = set(inspect.signature(ClassificationTask.__init__).parameters) | set(
-        inspect.signature(LattnTask.__init__).parameters)
-    hparams = {key: value for key, value in (checkpoint.get("hyper_parameters") or {}).items()
-               if key in accepted and key not in ("self", "kwargs")}
+    accepted = builder_options(ClassificationTask) or {}  # its own options and LattnTask's
+    hparams = {key: value for key, value in (checkpoint.get("hyper_parameters") or {}).items() if key in accepted}
     options = dict(hparams.get("backbone_options") or {})
     options.pop("pretrained", None)
     hparams.update(backbone_options=options, teacher_checkpoint=None)
