@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
@@ -69,6 +68,11 @@ def write_atomically(path: str | os.PathLike, write: Any) -> None:
             os.close(folder)
 
 
+def is_local_path(path: str | os.PathLike) -> bool:
+    """A path on this machine's file system (not a URL such as ``s3://bucket/run``)."""
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
 def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
     """Delete what killed writes left in `folder` (``.*.partial`` files); returns the deleted paths."""
     folder = Path(folder)
@@ -86,7 +90,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or not is_local_path(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         write_atomically(path, lambda file: torch.save(checkpoint, file))
@@ -106,17 +110,24 @@ class LattnCheckpoint(ModelCheckpoint):
     - Weights that are no longer finite are never written: the run stops with a ``FloatingPointError``
       naming the step, and the checkpoints written before stay as they were.
 
+    - Before training starts, the folder is checked: it must be writable, and a new run (not resuming)
+      refuses to overwrite an earlier run's checkpoints there unless `overwrite` is set.
+
     Args:
         last_every_n_steps: optimiser steps between two writes of ``last.ckpt``; None or 0: only at epoch ends.
         save_last: write ``last.ckpt`` at all.
+        overwrite: let a new run replace the checkpoints an earlier run left in the folder
+            (``lattn fit --overwrite true`` sets it).
         args, kwargs: the arguments of :class:`~lightning.pytorch.callbacks.ModelCheckpoint` for the best
             checkpoints (its own ``save_last`` is replaced by the one above).
     """
 
-    def __init__(self, *args: Any, last_every_n_steps: int | None = 500, save_last: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, last_every_n_steps: int | None = 500, save_last: bool = True,
+                 overwrite: bool = False, **kwargs: Any) -> None:
         if last_every_n_steps is not None and last_every_n_steps < 0:
             raise ValueError(f"LattnCheckpoint: last_every_n_steps must be >= 0 or null; got {last_every_n_steps}")
         super().__init__(*args, save_last=False, **kwargs)  # last.ckpt is written here, not by ModelCheckpoint
+        self.overwrite = overwrite
         self.keep_last = save_last
         self.last_every_n_steps = last_every_n_steps or 0
         self._last_written_step: int | None = None
@@ -133,13 +144,35 @@ class LattnCheckpoint(ModelCheckpoint):
         elif not isinstance(io, AtomicCheckpointIO):
             rank_zero_warn(f"LattnCheckpoint: the trainer writes checkpoints with {type(io).__name__}, not "
                            "AtomicCheckpointIO; a kill during a write may leave a broken checkpoint")
-        if stage == "fit" and trainer.is_global_zero and _is_local_file_protocol(self.dirpath):
+        if stage == "fit" and trainer.is_global_zero and is_local_path(self.dirpath):
             for path in remove_partial_files(self.dirpath):
                 log.info("Removed %s, the partial write of a checkpoint by a killed run", path)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_written_step = trainer.global_step  # a resumed run has this step on disk already
+        if trainer.is_global_zero and not trainer.fast_dev_run and is_local_path(self.dirpath):
+            # Here, not in setup(): Lightning knows whether the run resumes (trainer.ckpt_path) only by now.
+            self.check_folder(resuming=trainer.ckpt_path is not None)
+
+    def check_folder(self, resuming: bool) -> None:
+        """Before training: the folder must be writable, and a new run must not replace an earlier run's files."""
+        folder = Path(self.dirpath)
+        earlier = sorted(path.name for path in folder.glob("*" + self.FILE_EXTENSION)) if folder.is_dir() else []
+        if earlier and not resuming and not self.overwrite:
+            raise FileExistsError(
+                f"{folder} holds the checkpoints of an earlier run ({', '.join(earlier[:4])}); this new run would "
+                "overwrite them. Resume that run with --ckpt_path last, train into another folder (another "
+                "config name, or its checkpoint dirpath), or pass --overwrite true to replace them"
+            )
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-check-{secrets.token_hex(4)}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise PermissionError(f"checkpoint folder {folder} is not writable ({error.strerror or error}); "
+                                  "training has not started. Choose a writable folder (its checkpoint dirpath)") from None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -157,14 +157,50 @@ class LattnCLI(LightningCLI):
             config["model.init_args.backbone_options"] = {**options, "pretrained": None}
 
     def before_fit(self) -> None:
+        config = self.config[self.subcommand]
+        if config.get("untrained"):
+            raise ValueError("--untrained applies to validate, test and predict; fit trains the model")
+        if config.get("ckpt_path") == "last":
+            self._check_last_checkpoint_exists()
         # Checkpoints record the config they were trained with (LattnTask.on_save_checkpoint).
         if isinstance(self.model, LattnTask):
-            config = self.config[self.subcommand]
             if not config.get("ckpt_path"):  # a resumed run keeps its checkpoint's values
                 for name, value in self.model.fill_from_data(self.datamodule).items():
                     config[f"model.init_args.{name}"] = value  # the saved config says what the model used
             self.model.training_config = self._parser(self.subcommand).dump(config, skip_none=False)
             self.model.training_config_files = [str(path) for path in config.get("config") or []]
+
+    def _check_last_checkpoint_exists(self) -> None:
+        """``--ckpt_path last`` resumes this config's run: refuse, naming the folder, when it has no last.ckpt.
+
+        Lightning would warn and train from scratch instead, exiting 0 after doing something else.
+        """
+        folders = [Path(callback.dirpath) for callback in self.trainer.checkpoint_callbacks
+                   if isinstance(callback, callbacks.LattnCheckpoint) and callback.dirpath]
+        if folders and not any((folder / "last.ckpt").is_file() for folder in folders):
+            raise FileNotFoundError(
+                f"--ckpt_path last: there is no last.ckpt in {', '.join(map(str, folders))} (this config's checkpoint "
+                "folder), so there is no run to resume. Train without --ckpt_path to start one, or pass the path of "
+                "a checkpoint"
+            )
+
+    def _require_checkpoint(self, subcommand: str) -> None:
+        """Evaluating or predicting needs the trained weights: refuse a run without --ckpt_path unless asked for."""
+        config = self.config[subcommand]
+        if isinstance(self.model, LattnTask) and not config.get("ckpt_path") and not config.get("untrained"):
+            raise ValueError(
+                f"lattn {subcommand} needs the trained model: pass --ckpt_path (e.g. checkpoints/<run>/best.ckpt, "
+                "or last). Without it the model has untrained, random weights; pass --untrained true to run it so"
+            )
+
+    def before_validate(self) -> None:
+        self._require_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._require_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._require_checkpoint("predict")
 
     def after_validate(self) -> None:
         self.write_metrics("validate")
@@ -189,6 +225,10 @@ class LattnCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--extends", type=str | None, default=None,
                             help="In a config file: the config it builds on (a path relative to it), read first.")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: let a new run replace the checkpoints an earlier run left in its folder.")
+        parser.add_argument("--untrained", type=bool, default=False,
+                            help="validate/test/predict: run the untrained model (no --ckpt_path) on purpose.")
         # What the data determines is linked, not repeated: the model gets it from the datamodule
         # instance. A link whose source or target a chosen class lacks is skipped by jsonargparse.
         for data_attribute, model_argument in LINKED_DATA_ATTRIBUTES:
@@ -196,7 +236,14 @@ class LattnCLI(LightningCLI):
 
 
 def name_run_folders(config) -> None:
-    """Name the logger's and callbacks' folders after the last config file, where the config leaves them unset."""
+    """Name the logger's and callbacks' folders after the last config file, where the config leaves them unset.
+
+    ``--overwrite true`` is passed on to the checkpoint callbacks here too.
+    """
+    if config.get("overwrite"):
+        for callback in config.get("trainer.callbacks") or []:
+            if _is_class(callback, "LattnCheckpoint"):
+                callback.init_args["overwrite"] = True
     files = config.get("config") or []
     if not files:
         return

@@ -179,6 +179,7 @@ class LattnTask(LightningModule):
         self._rng_states_to_restore = record.get("rng_states")
 
     def on_train_start(self) -> None:
+        self._fill_unset_from_data()
         # A resumed run continues the random sequence of the run that wrote the checkpoint. Restored here,
         # not at loading: the sanity check and the data loaders' setup in between use random numbers.
         if self._rng_states_to_restore is not None:
@@ -219,10 +220,8 @@ class LattnTask(LightningModule):
     def _fill_unset_from_data(self) -> None:
         self.fill_from_data(getattr(self.trainer, "datamodule", None))
 
-    # Lightning loads a --ckpt_path checkpoint after setup() and before these hooks.
-    def on_fit_start(self) -> None:
-        self._fill_unset_from_data()
-
+    # Lightning loads a --ckpt_path checkpoint after setup() and on_fit_start, and before these hooks (the
+    # validation one also runs for fit's sanity check; on_train_start fills too, below).
     def on_validation_start(self) -> None:
         self._fill_unset_from_data()
 
