@@ -27,7 +27,7 @@ from . import __version__, callbacks, data, tasks  # noqa: F401 (tasks, datamodu
 from .backbones import create_backbone
 from .registry import ATTENTIONS, BACKBONES, Entry
 from .tasks import LattnTask
-from .tasks.record import checkpoint_mismatch
+from .tasks.record import checkpoint_mismatch, read_checkpoint_header
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class LattnCLI(LightningCLI):
             super()._parse_ckpt_path()  # not a lattn task: Lightning's behaviour
             return
         init_args = config.get("model.init_args")
-        header = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)  # no weights read
+        header = read_checkpoint_header(ckpt_path)  # no weights read
         problem = checkpoint_mismatch(header, task_class, init_args.as_dict() if init_args is not None else {})
         if problem is not None:
             raise ValueError(f"{ckpt_path}: {problem}")

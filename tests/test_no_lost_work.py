@@ -82,3 +82,21 @@ def test_resuming_with_no_last_checkpoint_is_refused_naming_the_folder(tiny_root
                                                 r"sceneflow_efficient \(this config's checkpoint folder\)"):
         main(["fit", *args(tiny_root), "--ckpt_path", "last"])
     assert not (tmp_path / "checkpoints/sceneflow_efficient").exists()
+
+
+def test_a_bad_checkpoint_file_is_named_with_what_is_wrong(tiny_root, tmp_path, monkeypatch):
+    from lattn_app.tasks import StereoTask
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *args(tiny_root)])
+    good = (tmp_path / "checkpoints/sceneflow_efficient/last.ckpt").read_bytes()
+    empty, truncated, text = tmp_path / "empty.ckpt", tmp_path / "truncated.ckpt", tmp_path / "notes.ckpt"
+    empty.write_bytes(b"")
+    truncated.write_bytes(good[: len(good) // 2])
+    text.write_text("not a checkpoint\n")
+    for path, problem in ((empty, "the checkpoint file is empty"), (truncated, "not a complete checkpoint"),
+                          (text, "not a complete checkpoint")):
+        with pytest.raises(ValueError, match=rf"{path}: {problem}"):
+            main(["test", *args(tiny_root), "--ckpt_path", str(path)])
+        with pytest.raises(ValueError, match=rf"{path}: {problem}"):
+            StereoTask.load_from_checkpoint(path)

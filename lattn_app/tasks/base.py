@@ -32,7 +32,14 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..registry import BACKBONES, check_choice
-from .record import checkpoint_mismatch, collect_rng_states, restore_rng_states, task_name, trained_task_name
+from .record import (
+    checkpoint_mismatch,
+    collect_rng_states,
+    read_checkpoint_header,
+    restore_rng_states,
+    task_name,
+    trained_task_name,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -196,8 +203,7 @@ class LattnTask(LightningModule):
         """
         if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file():
             # Memory-mapped: only the small records are read here, not the weights.
-            header = torch.load(checkpoint_path, map_location="cpu", mmap=True,
-                                weights_only=True if weights_only is None else weights_only)
+            header = read_checkpoint_header(checkpoint_path, True if weights_only is None else weights_only)
             trained_as = trained_task_name(header) or task_name(cls)
             problem = checkpoint_mismatch(header, cls, {**(header.get("hyper_parameters") or {}), **kwargs},
                                           loader=f"{cls.__name__}.load_from_checkpoint",

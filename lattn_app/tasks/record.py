@@ -14,8 +14,12 @@ Everything in it loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
+import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,26 @@ NOT_ARCHITECTURE = {"_class_path", "_instantiator", "lr", "weight_decay", "warmu
                     "teacher_backbone", "class_names"}
 # Hyperparameters that a task left unset (None) takes from the checkpoint it loads (StereoTask.max_disparity).
 TAKEN_FROM_CHECKPOINT = {"max_disparity"}
+
+
+def read_checkpoint_header(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Any]:
+    """A checkpoint's records, memory-mapped (its weights are not read), or a one-line error naming the file.
+
+    An empty file, a truncated one (a full disk, an interrupted copy) and a file that is not a checkpoint
+    each get their own message instead of torch's "PytorchStreamReader failed ..." or mmap errors.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: the checkpoint file is empty (0 bytes); it was never written completely")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a complete checkpoint ({size:,} bytes that are not a whole torch archive: "
+                         "truncated, e.g. by a full disk or an interrupted copy, or not a checkpoint at all)")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({reason})") from None
 
 
 def task_name(task_class: type) -> str:
