@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch.nn import functional as F
 from lattn_app.attention import fnet
 from lattn_app.attention.base import QKVAttention
 from lattn_app.attention.nystrom import newton_pinv, segment_means
-from lattn_app.attention.rope import RotaryEmbedding2D
+from lattn_app.attention.rope import RotaryEmbedding1D, RotaryEmbedding2D
 
 from .helpers import build, heads, merge
 
@@ -393,6 +395,21 @@ def test_rope_scores_depend_on_relative_offset_only():
     torch.testing.assert_close(score((1, 2), (3, 1)), score((2, 4), (4, 3)))  # same (dy, dx) = (2, -1)
     assert not torch.allclose(score((1, 2), (3, 1)), score((1, 2), (1, 3)))
     torch.testing.assert_close(rq.norm(dim=-1), q[0, 0].view(6, 7, 16).norm(dim=-1))  # a rotation
+
+
+def test_rope_1d_scores_depend_on_the_index_offset_and_every_token_is_rotated():
+    rope = RotaryEmbedding1D(8)
+    q = torch.randn(8, dtype=torch.float64).expand(1, 1, 12, 8)
+    k = torch.randn(8, dtype=torch.float64).expand(1, 1, 12, 8)
+    rq, rk = rope(q)[0, 0], rope(k)[0, 0]
+    torch.testing.assert_close((rq[2] * rk[7]).sum(), (rq[4] * rk[9]).sum())  # same offset 5
+    assert not torch.allclose((rq[2] * rk[7]).sum(), (rq[2] * rk[8]).sum())
+    torch.testing.assert_close(rq[0], q[0, 0, 0])  # index 0 (the class token's) is not rotated
+    # frequencies base^(-2i/d), i = 0 .. d/2 - 1, pair (2i, 2i+1) by index * frequency
+    angle = 3 * 10_000 ** (-2 / 8)
+    expected = torch.tensor([q[0, 0, 0, 2] * math.cos(angle) - q[0, 0, 0, 3] * math.sin(angle),
+                             q[0, 0, 0, 2] * math.sin(angle) + q[0, 0, 0, 3] * math.cos(angle)], dtype=torch.float64)
+    torch.testing.assert_close(rq[3, 2:4], expected)
 
 
 def test_rope_leaves_prefix_tokens_unrotated():

@@ -160,6 +160,26 @@ def test_flat_presets_and_overrides():
     assert len(overridden.blocks) == 1 and overridden.num_features == 256
 
 
+def test_flat_presets_are_the_reference_s_kct_models():
+    for name, (depth, width, heads, ratio) in {"medium": (7, 256, 4, 2.0), "large": (14, 384, 6, 3.0),
+                                               "kct_7": (7, 256, 4, 2.0), "kct_8": (8, 256, 128, 2.0)}.items():
+        preset = FLAT_PRESETS[name]
+        assert (preset.depth, preset.embed_dim, preset.num_heads, preset.mlp_ratio) == (depth, width, heads, ratio)
+    model = couplformer(depth=1, embed_dim=32, num_heads=16, img_size=32)
+    assert model.blocks[0].attn.qkv.bias is None and model.blocks[0].attn.attn_drop == 0.1
+    assert model.pos_embed is None and model.tokenizer.proj.kernel_size == (4, 4)
+
+
+def test_the_earlier_flat_layout_stays_available_for_its_checkpoints(tmp_path):
+    legacy = dict(tokenizer="conv", pos_embed="learned", block="pre_norm", qkv_bias=True, attn_drop_rate=0.0)
+    model = couplformer(img_size=32, num_classes=100, **legacy)
+    assert sum(p.numel() for p in model.parameters()) == 1_089_189  # lattn 0.1.0's "small" at 100 classes
+    assert {"tokenizer.layers.0.0.weight", "pos_embed", "blocks.0.attn.qkv.bias"} <= set(model.state_dict())
+    torch.save(model.state_dict(), tmp_path / "old.pth")
+    loaded = couplformer(img_size=32, num_classes=100, pretrained=str(tmp_path / "old.pth"), **legacy)
+    assert torch.equal(loaded.pos_embed, model.pos_embed)
+
+
 def test_hierarchical_defaults_are_swin_t_sized():
     model = couplformer_hierarchical(num_classes=0)
     assert model.out_channels == [96, 192, 384, 768]

@@ -41,7 +41,9 @@ def test_every_mechanism_runs_inside_the_vit(attention):
 @pytest.mark.parametrize(
     "options",
     [dict(stem="conv"), dict(pos_embed="rope", attention="efficient"), dict(pos_embed="sincos"),
-     dict(class_token=False, global_pool="avg"), dict(stem="conv", patch_size=1, img_size=8)],
+     dict(class_token=False, global_pool="avg"), dict(stem="conv", patch_size=1, img_size=8),
+     dict(stem="xformers"), dict(stem="xformers", patch_size=1, img_size=8),
+     dict(pos_embed="rope1d", attention="performer"), dict(norm_eps=1e-5)],
 )
 def test_variants_build_and_run(options):
     size = options.get("img_size", 32)
@@ -54,6 +56,13 @@ def test_rope_replaces_the_absolute_embedding_and_reaches_the_attention():
     assert model.pos_embed is None and model.blocks[0].attn.rope is not None
     with pytest.raises(ValueError, match="pos_embed='rope' needs a mechanism that supports RoPE; 'fnet' does not"):
         small_vit(pos_embed="rope", attention="fnet")
+
+
+def test_rope1d_reaches_every_attention_layer_in_its_1d_form():
+    model = small_vit(pos_embed="rope1d", attention="softmax")
+    assert model.pos_embed is None
+    assert all(block.attn.rope.form == "1d" and block.attn.rope.base == 10_000 for block in model.blocks)
+    assert small_vit(pos_embed="rope", attention="softmax").blocks[0].attn.rope.base == 100  # 2D default
 
 
 def test_other_image_sizes_at_run_time():

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..registry import check_choice
-from .rope import RotaryEmbedding2D
+from .rope import build_rope
 
 Grid = tuple[int, int]
 
@@ -111,7 +111,11 @@ class TokenMixer(nn.Module):
 
 
 class QKVAttention(TokenMixer):
-    """Multi-head attention skeleton: q/k/v projections, optional 2D RoPE, output projection.
+    """Multi-head attention skeleton: q/k/v projections, optional RoPE, output projection.
+
+    RoPE (``rope=True``) is 2D axial by default (``rope_form="2d"``, base 100); ``rope_form="1d"`` is the
+    Hybrid Vision X-formers' 1D form over the token sequence (base 10,000); ``rope_base`` overrides the
+    form's base. See :mod:`lattn_app.attention.rope` for which to use where.
 
     Subclasses implement :meth:`attend` on per-head tensors (B, heads, N, d). They declare only their own
     options and pass ``**common`` (the options below) on to this ``__init__``, the one place those are
@@ -138,7 +142,8 @@ class QKVAttention(TokenMixer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         rope: bool = False,
-        rope_base: float = 100.0,
+        rope_base: float | None = None,
+        rope_form: str = "2d",
     ) -> None:
         super().__init__(dim)
         if num_heads < 1 or dim % num_heads:
@@ -151,7 +156,7 @@ class QKVAttention(TokenMixer):
         self.proj_drop = nn.Dropout(proj_drop)
         if rope and not self.supports_rope:
             raise ValueError(f"{type(self).__name__} does not support rotary position embedding (rope)")
-        self.rope = RotaryEmbedding2D(self.head_dim, base=rope_base) if rope else None
+        self.rope = build_rope(rope_form, self.head_dim, rope_base) if rope else None
 
     def split_heads(self, t: Tensor) -> Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
@@ -181,8 +186,6 @@ class QKVAttention(TokenMixer):
         q, k, v = self.project(x, context)
         kv_hw = hw if context is None else context_hw
         if self.rope is not None:
-            if hw is None or kv_hw is None:
-                raise ValueError("rotary position embedding needs the token grids: pass hw (and context_hw)")
             q, k = self.rope(q, hw), self.rope(k, kv_hw)
         if self.compute_in_float32:
             with autocast_off(x):
@@ -207,7 +210,8 @@ class QKVAttention(TokenMixer):
         return None
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, rope={self.rope is not None}"
+        rope = "False" if self.rope is None else f"{self.rope.form!r}"
+        return f"dim={self.dim}, num_heads={self.num_heads}, rope={rope}"
 
 
 GRID_POLICIES = ("resample", "error")

@@ -3,15 +3,38 @@
 out = softmax(q (E k)^T / sqrt(d)) (F v) with learned projections E, F in R^{k x HW} that compress
 the H*W grid keys and values to k rows (k = 64 by default), so the map is N x k.
 
-Without RoPE, E and F compress the tokens before the key and value projections (the same result by
-associativity, with far fewer FLOPs and no N x C keys and values); with RoPE the keys are rotated token
-by token, so they are projected first.
+Sharing of the length projections (``sharing``), the Linformer paper's modes (Sec. 4):
+- ``"headwise"`` (default): one E and one F shared by all heads of the layer;
+- ``"key-value"``: additionally E = F, one projection for keys and values;
+- ``"layerwise"``: one E for keys and values of every layer built together (the backbones build a
+  network's, or a stage's, layers with one set of options and they then share it; a layer built on
+  its own has its own E, as in "key-value").
+Two options of the released code (lucidrains' ``linformer``, which the X-formers' ViL uses):
+- ``one_kv_head=True``: keys and values have one head of size d, shared by all query heads (the key and
+  value projections map C -> d instead of C -> C);
+- ``share_kv=True``: the values are the keys (one projection W_k = W_v, and E = F; needs sharing
+  "key-value" or "layerwise").
+The X-formers' ViL (their CIFAR script and the package's default) is ``sharing="key-value",
+one_kv_head=True, share_kv=True, project_prefix=True, qkv_bias=False``: 53,376 parameters per layer at
+width 128, N = 256, k = 64, where the default layout has 98,432 (without q/k/v bias).
 
-E and F tie the layer to the grid it was built for (``grid_size``). Prefix tokens (class token) are not
-projected: their keys and values join the k compressed rows, so every query still sees them directly.
-On another grid, ``on_other_grid="resample"`` (default) bilinearly resamples E and F over (H, W) and
+Prefix tokens (class token): by default they are not projected: their keys and values join the k
+compressed rows, so every query still sees them directly. ``project_prefix=True`` compresses them with
+the grid tokens, as the reference does (its E has N = prefix + H*W columns).
+
+Without RoPE, and in the default layout, E and F compress the tokens before the key and value
+projections (the same result by associativity, with far fewer FLOPs and no N x C keys and values); with
+RoPE the keys are rotated token by token, so they are projected first. In the reference's layouts
+(``one_kv_head``, ``share_kv``, ``project_prefix``) the same algebra runs in plain autograd; with
+``share_kv`` and RoPE the values are the keys before rotation, as in the X-formers' ViLRoPE.
+
+E and F tie the layer to the grid it was built for (``grid_size``). On another grid,
+``on_other_grid="resample"`` (default) bilinearly resamples the grid columns of E and F over (H, W) and
 rescales them by (H*W)/(H'*W') so the compressed sums keep their magnitude (fine-tuning at a new
-resolution works); ``on_other_grid="error"`` refuses other grids with the supported size named.
+resolution works); ``on_other_grid="error"`` refuses other grids with the supported size named (the
+reference accepts shorter sequences by truncating E, which has no meaning on a grid).
+
+Initialisation: E and F are N(0, 1/k) (the reference draws them uniformly in +-k^-1/2).
 """
 
 from __future__ import annotations
@@ -22,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..registry import ATTENTIONS
+from ..registry import ATTENTIONS, check_choice
 from .base import Grid, QKVAttention, autocast_off, check_grid_policy, num_prefix, resample_grid_weight
 
 
@@ -116,10 +139,13 @@ class ProjectQueriesAndCompressedRows(torch.autograd.Function):
     memory="O(N k)",
 )
 class LinformerAttention(QKVAttention):
-    """Linformer attention with shared-across-heads key and value projections."""
+    """Linformer attention: learned length projections of keys and values, shared across heads (see the
+    module docstring for the sharing modes and the reference's layouts)."""
 
     needs_grid = True
     fixed_grid = True
+
+    SHARING = ("headwise", "key-value", "layerwise")
 
     def __init__(
         self,
@@ -128,15 +154,48 @@ class LinformerAttention(QKVAttention):
         grid_size: tuple[int, int] = (14, 14),
         k: int = 64,
         on_other_grid: str = "resample",
+        sharing: str = "headwise",
+        one_kv_head: bool = False,
+        share_kv: bool = False,
+        project_prefix: bool = False,
+        num_prefix_tokens: int = 0,
+        layer_shared: dict | None = None,
         **common: Any,
     ) -> None:
+        """`layer_shared` is set by the backbones (``mixer_options``): one dict for all layers built
+        together, which holds the E of ``sharing="layerwise"``; leave it unset."""
         super().__init__(dim, num_heads, **common)
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.k = k
         self.on_other_grid = check_grid_policy(on_other_grid, "linformer")
-        num_tokens = self.grid_size[0] * self.grid_size[1]
-        self.key_projection = nn.Parameter(torch.randn(k, num_tokens) * k**-0.5)  # E
-        self.value_projection = nn.Parameter(torch.randn(k, num_tokens) * k**-0.5)  # F
+        self.sharing = check_choice("linformer: sharing", sharing, self.SHARING)
+        if share_kv and sharing == "headwise":
+            raise ValueError("linformer: share_kv=True (values are the keys) needs one projection E = F: "
+                             "use sharing='key-value' or 'layerwise'")
+        self.one_kv_head, self.share_kv, self.project_prefix = one_kv_head, share_kv, project_prefix
+        self.num_prefix_tokens = num_prefix_tokens if project_prefix else 0
+        self.kv_heads = 1 if one_kv_head else num_heads
+        self.kv_width = self.kv_heads * self.head_dim
+        if one_kv_head or share_kv:  # the reference's layout: q (C), then k (kv_width) and v (unless shared)
+            widths = dim + self.kv_width * (1 if share_kv else 2)
+            self.qkv = nn.Linear(dim, widths, bias=self.qkv.bias is not None)
+        num_columns = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        if sharing == "layerwise" and layer_shared is not None:
+            key = ("linformer.E", k, num_columns)
+            if key not in layer_shared:
+                layer_shared[key] = nn.Parameter(torch.randn(k, num_columns) * k**-0.5)
+            self.key_projection = layer_shared[key]  # the same Parameter in every layer of the set
+        else:
+            self.key_projection = nn.Parameter(torch.randn(k, num_columns) * k**-0.5)  # E
+        if sharing == "headwise":
+            self.value_projection = nn.Parameter(torch.randn(k, num_columns) * k**-0.5)  # F
+        # The autograd-function route needs the default (3C, C) layout and unprojected prefix tokens.
+        self.fused_route = not (one_kv_head or share_kv or project_prefix)
+
+    @property
+    def value_length_projection(self) -> Tensor:
+        """F (E itself unless sharing is "headwise")."""
+        return self.value_projection if self.sharing == "headwise" else self.key_projection
 
     def compress(self, t: Tensor, projection: Tensor, hw: Grid) -> Tensor:
         """[prefix tokens ; projection @ grid tokens] for per-head t (B, h, N, d): the RoPE path, whose keys
@@ -151,13 +210,15 @@ class LinformerAttention(QKVAttention):
         """Keys and values compressed before they are projected: E (X W^T + 1 b^T) = (E X) W^T + (E 1) b^T,
         so k rows are projected instead of N (about 40% fewer FLOPs at width 256, and no N x C key and
         value tensors). With RoPE the keys are rotated token by token first, so they are projected first."""
+        if not self.fused_route:
+            return self.mix_reference_layout(x, hw, context, context_hw)
         if self.rope is not None:
             return super().mix(x, hw, context, context_hw)
         source, source_hw = (x, hw) if context is None else (context, context_hw)
         assert source_hw is not None  # needs_grid
         prefix = num_prefix(source.shape[1], source_hw)
         key_projection = self.grid_projection(self.key_projection, source_hw, source.dtype)
-        value_projection = self.grid_projection(self.value_projection, source_hw, source.dtype)
+        value_projection = self.grid_projection(self.value_length_projection, source_hw, source.dtype)
         key_rows = compressed_rows(source, key_projection, prefix)
         value_rows = compressed_rows(source, value_projection, prefix)
         q, k, v = ProjectQueriesAndCompressedRows.apply(self.qkv.weight, x, key_rows, value_rows, source,
@@ -171,18 +232,64 @@ class LinformerAttention(QKVAttention):
                                              dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
 
+    def mix_reference_layout(self, x: Tensor, hw: Grid | None, context: Tensor | None,
+                             context_hw: Grid | None) -> Tensor:
+        """The layouts of the released code (one_kv_head, share_kv, project_prefix), in plain autograd."""
+        source, source_hw = (x, hw) if context is None else (context, context_hw)
+        assert source_hw is not None  # needs_grid
+        prefix = num_prefix(source.shape[1], source_hw)
+        if self.project_prefix and prefix != self.num_prefix_tokens:
+            raise ValueError(f"linformer: built to project {self.num_prefix_tokens} prefix tokens with the grid "
+                             f"(project_prefix=True); got {prefix}")
+        kept = 0 if self.project_prefix else prefix  # prefix tokens passed through uncompressed
+        widths = [self.dim, self.kv_width] + ([] if self.share_kv else [self.kv_width])
+        weights = self.qkv.weight.split(widths)
+        biases = [None] * len(widths) if self.qkv.bias is None else self.qkv.bias.split(widths)
+        key_projection = self.grid_projection(self.key_projection, source_hw, source.dtype)
+        value_projection = self.grid_projection(self.value_length_projection, source_hw, source.dtype)
+        q = self.split_heads(F.linear(x, weights[0], biases[0]))
+        if self.rope is None:  # compress first: E (X W^T + 1 b^T) = (E X) W^T + (E 1) b^T
+            def projected(index: int, projection: Tensor) -> Tensor:
+                rows = F.linear(compressed_rows(source, projection, kept), weights[index])
+                if biases[index] is not None:
+                    rows = rows + row_weights(projection, kept).unsqueeze(-1) * biases[index]
+                return rows
+
+            k = projected(1, key_projection)
+            v = k if self.share_kv else projected(2, value_projection)
+        else:  # keys are rotated token by token, so they are projected before they are compressed
+            q = self.rope(q, hw)
+            keys = F.linear(source, weights[1], biases[1])
+            values = keys if self.share_kv else F.linear(source, weights[2], biases[2])  # unrotated keys
+            keys = self.rope(keys.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2), source_hw)
+            keys = keys.transpose(1, 2).flatten(2)
+            k = compressed_rows(keys, key_projection, kept)
+            v = compressed_rows(values, value_projection, kept)
+
+        def heads(t: Tensor) -> Tensor:  # (B, rows, kv_heads d) -> (B, heads, rows, d), one head shared
+            t = t.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+            return t.expand(-1, self.num_heads, -1, -1) if self.kv_heads != self.num_heads else t
+
+        out = F.scaled_dot_product_attention(q, heads(k), heads(v), dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
+
     def grid_projection(self, projection: Tensor, hw: Grid, dtype: torch.dtype) -> Tensor:
-        """E or F for the grid hw (resampled where hw is not grid_size; see the module docstring), in dtype."""
-        return resample_grid_weight(
-            projection, self.grid_size, hw, grid_dim=1, preserve_sum=True,
+        """E or F for the grid hw (its grid columns resampled where hw is not grid_size; see the module
+        docstring), in dtype. Columns of projected prefix tokens (project_prefix) are kept as they are."""
+        prefix = self.num_prefix_tokens
+        grid = resample_grid_weight(
+            projection[:, prefix:], self.grid_size, hw, grid_dim=1, preserve_sum=True,
             mechanism="linformer", policy=self.on_other_grid,
-        ).to(dtype)
+        )
+        return (torch.cat([projection[:, :prefix], grid], dim=1) if prefix else grid).to(dtype)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw: Grid | None, kv_hw: Grid | None) -> Tensor:
         assert kv_hw is not None  # needs_grid
         k = self.compress(k, self.key_projection, kv_hw)
-        v = self.compress(v, self.value_projection, kv_hw)
+        v = self.compress(v, self.value_length_projection, kv_hw)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, grid_size={self.grid_size}, k={self.k}, on_other_grid={self.on_other_grid}"
+        return (f"{super().extra_repr()}, grid_size={self.grid_size}, k={self.k}, on_other_grid={self.on_other_grid}, "
+                f"sharing={self.sharing}, one_kv_head={self.one_kv_head}, share_kv={self.share_kv}, "
+                f"project_prefix={self.project_prefix}")

@@ -1,28 +1,47 @@
 """Performer attention, FAVOR+ (Choromanski et al.; the X-formers paper's "Performer").
 
 Positive orthogonal random features approximate the softmax kernel exp(q.k / sqrt(d)):
-    phi(x) = m^-1/2 exp(W x^ - |x^|^2 / 2 - stabiliser),  x^ = x d^-1/4,
+    phi(x) = m^-1/2 (exp(W x^ - |x^|^2 / 2 - stabiliser) + kernel_epsilon),  x^ = x d^-1/4,
 with W (m x d) made of blocks of orthogonal rows scaled to Gaussian norms. Then
     out = D^-1 phi(q) (phi(k)^T v),  D = diag(phi(q) sum_j phi(k_j)),
 in O(N m d) time and without any N x N map.
 
-The stabiliser is a per-query maximum for queries and, for keys, the maximum over all keys of the same
-sample and head: both cancel exactly in D^-1, and no sample's output depends on another sample in the
-batch. Features are redrawn every ``redraw_interval`` training forward passes (never in eval mode);
-``redraw_interval=None`` freezes them. Draws are seeded from ``feature_seed`` and the redraw count, so
-every DDP rank and every resumed run sees the same features.
+Two forms of the feature map:
+- ``kernel_epsilon=0`` (default): the paper's formula. The stabiliser is the maximum of the exponent
+  (W x^ - |x^|^2 / 2), per query for queries and over all keys of one sample and head for keys: both
+  cancel exactly in D^-1, so the features are the paper's positive random features, no exponent exceeds
+  0 and the output does not depend on how they were stabilised.
+- ``kernel_epsilon > 0``: the released code's form (performer-pytorch's ``softmax_kernel``, which the
+  X-formers' ViP uses with 1e-4). The stabiliser is then the maximum of the projections W x^ alone (per
+  query; per sample and head for keys), and the epsilon is added after stabilising, so it is relative to
+  the largest feature and the result depends on the stabiliser: lattn follows the reference exactly.
+  It keeps every feature >= epsilon (no all-zero normaliser) but biases the estimate: the output differs
+  from the paper's form by ~1e-5 at initialisation-sized logits and by more than 100% once the spread of
+  the logits reaches ~0.8, which is why it is not the default. ``stabiliser="batch"`` takes the keys'
+  maximum over the whole batch instead, as the X-formers' vendored copy of the kernel does; that couples
+  the samples of a batch (an output depends on its batch mates whenever kernel_epsilon > 0), so it exists
+  only to reproduce that code, and the configs keep the per-sample maximum of performer-pytorch 1.1.4.
+
+Random features are drawn per layer: the draw is seeded by ``feature_seed``, the layer's ``layer_index``
+(the backbones pass each block's index) and the redraw count, so different layers have independent
+features (as in the reference, whose every layer draws its own matrix) while every DDP rank and every
+resumed run sees the same ones. ``layer_index=None`` is the seeding of earlier lattn versions (every
+layer the same draw). Features are redrawn every ``redraw_interval`` training forward passes (never in
+eval mode); ``redraw_interval=None`` freezes them, as the X-formers' released ViP scripts do (they never
+call performer-pytorch's redraw).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import hashlib
 import math
 
 import torch
 from torch import Tensor
 
-from ..registry import ATTENTIONS
+from ..registry import ATTENTIONS, check_choice
 from .base import Grid, QKVAttention
 
 
@@ -57,9 +76,17 @@ class PerformerAttention(QKVAttention):
         num_features: int | None = None,
         redraw_interval: int | None = 1000,
         feature_seed: int = 0,
+        layer_index: int | None = None,
+        kernel_epsilon: float = 0.0,
+        stabiliser: str = "sample",
         **common: Any,
     ) -> None:
         super().__init__(dim, num_heads, **common)
+        if kernel_epsilon < 0:
+            raise ValueError(f"performer: kernel_epsilon must be >= 0; got {kernel_epsilon}")
+        self.kernel_epsilon = float(kernel_epsilon)
+        self.stabiliser = check_choice("performer: stabiliser", stabiliser, ("sample", "batch"))
+        self.layer_index = layer_index
         d = self.head_dim
         self.num_features = num_features or max(1, int(d * math.log(d)))  # m = d ln d by default
         if redraw_interval is not None and redraw_interval < 0:
@@ -70,8 +97,16 @@ class PerformerAttention(QKVAttention):
         self.register_buffer("calls_since_redraw", torch.zeros((), dtype=torch.long))
         self.register_buffer("projection", self._draw(0))
 
+    def draw_seed(self, redraw_index: int) -> int:
+        """The generator seed of draw `redraw_index`: a function of feature_seed, layer_index and the redraw
+        count only (no process state), so that every rank and every resumed run draws the same features."""
+        if self.layer_index is None:  # the seeding of earlier versions: one draw shared by all layers
+            return self.feature_seed * 1_000_003 + redraw_index
+        key = f"performer/{self.feature_seed}/{self.layer_index}/{redraw_index}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
     def _draw(self, redraw_index: int) -> Tensor:
-        generator = torch.Generator().manual_seed(self.feature_seed * 1_000_003 + redraw_index)
+        generator = torch.Generator().manual_seed(self.draw_seed(redraw_index))
         return orthogonal_random_features(self.num_features, self.head_dim, generator)
 
     @torch.no_grad()
@@ -84,9 +119,12 @@ class PerformerAttention(QKVAttention):
     def feature_map(self, x: Tensor, is_query: bool) -> Tensor:
         x = x * self.head_dim**-0.25
         half_norm = 0.5 * (x * x).sum(dim=-1, keepdim=True)
+        projections = x @ self.projection.to(x.dtype).T
+        if self.kernel_epsilon:
+            return self.reference_feature_map(projections, half_norm, is_query)
         # One (B, h, N, m) buffer, updated in place (the product's backward needs x, not its output):
         # exp(W x - |x|^2/2 - stabiliser) m^-1/2 = exp(W x - |x|^2/2 - (stabiliser + ln(m)/2)).
-        logits = (x @ self.projection.to(x.dtype).T).sub_(half_norm)
+        logits = projections.sub_(half_norm)
         with torch.no_grad():
             if is_query:  # per query: cancels in that query's own normaliser
                 stabiliser = logits.amax(dim=-1, keepdim=True)
@@ -94,6 +132,19 @@ class PerformerAttention(QKVAttention):
                 stabiliser = logits.amax(dim=(-2, -1), keepdim=True)
             stabiliser += 0.5 * math.log(self.num_features)
         return logits.sub_(stabiliser).exp_()
+
+    def reference_feature_map(self, projections: Tensor, half_norm: Tensor, is_query: bool) -> Tensor:
+        """performer-pytorch's form: m^-1/2 (exp(W x - |x|^2/2 - max W x) + epsilon), max not differentiated."""
+        with torch.no_grad():
+            if is_query:
+                stabiliser = projections.amax(dim=-1, keepdim=True)
+            elif self.stabiliser == "sample":
+                stabiliser = projections.amax(dim=(-2, -1), keepdim=True)
+            else:  # the X-formers' vendored kernel: one maximum over the whole batch
+                stabiliser = projections.amax()
+        # m^-1/2 (exp(z) + eps) = exp(z - ln(m)/2) + eps m^-1/2; not in place after exp, whose backward needs it.
+        exponent = projections.sub_(half_norm).sub_(stabiliser + 0.5 * math.log(self.num_features))
+        return exponent.exp() + self.kernel_epsilon * self.num_features**-0.5
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw: Grid | None, kv_hw: Grid | None) -> Tensor:
         if self.training and self.redraw_interval is not None:
@@ -106,4 +157,5 @@ class PerformerAttention(QKVAttention):
         return (phi_q @ context) / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_features={self.num_features}, redraw_interval={self.redraw_interval}"
+        return (f"{super().extra_repr()}, num_features={self.num_features}, redraw_interval={self.redraw_interval}, "
+                f"layer_index={self.layer_index}, kernel_epsilon={self.kernel_epsilon}")

@@ -109,12 +109,14 @@ class PyramidStage(nn.Module):
         drop_rate: float,
         drop_path_rates: list[float],
         init_values: float | None,
+        first_layer_index: int = 0,
     ) -> None:
         super().__init__()
         self.downsample = OverlapPatchEmbed(in_chans, dim, kernel_size=7 if stride == STEM_STRIDE else 3, stride=stride)
         self.blocks = nn.ModuleList(
-            PyramidBlock(dim, num_heads, attention, attention_options, mlp_ratio, drop_rate, rate, init_values)
-            for rate in drop_path_rates
+            PyramidBlock(dim, num_heads, attention, attention_options, mlp_ratio, drop_rate, rate, init_values,
+                         layer_index=first_layer_index + index)
+            for index, rate in enumerate(drop_path_rates)
         )
         self.norm = nn.LayerNorm(dim)
         self.grad_checkpointing = False
@@ -243,6 +245,7 @@ class PyramidTransformer(Backbone):
                     drop_rate=drop_rate,
                     drop_path_rates=rates[first : first + depths[i]],
                     init_values=init_values,
+                    first_layer_index=first,
                 )
             )
         self.classifier_parts = ("head_norm", "head_drop", "head")

@@ -4,10 +4,16 @@ One class covers the papers' isotropic models:
 - ViT (timm-compatible parameter names and shapes, so timm ViT weights load; see timm_weights.py);
 - ViX of the Hybrid Vision X-formers paper: the same network with ``attention="performer"``,
   ``"linformer"``, ``"nystrom"``; FNet and MLP-Mixer networks are ``attention="fnet"`` / ``"mixer"``;
-- ``stem="conv"``: the hybrid convolutional patch embedding (three 3x3 convs, 3 -> 32 -> 64 -> dim);
+- ``stem="xformers"``: the X-formers' hybrid convolutional stem exactly (``Models/Hybrid*.py``: three
+  plain, biased 3x3 convolutions 3 -> 32 -> 64 -> dim, nothing between them; 93,248 parameters at width
+  128); ``stem="conv"``: lattn's own convolutional stem (the same convolutions without bias, with
+  BatchNorm and ReLU after the first two; 93,344 parameters), kept for its checkpoints;
 - ``pos_embed``: ``"learned"`` (resampled to the run-time grid), ``"sincos"`` (computed for any grid),
-  ``"rope"`` (2D axial rotary embedding inside the attention instead of an absolute embedding), or
-  ``"none"``.
+  ``"rope"`` (2D axial rotary embedding inside the attention instead of an absolute embedding),
+  ``"rope1d"`` (the X-formers' 1D rotary embedding over the token sequence, base 10,000; their ViXRoPE
+  models), or ``"none"``;
+- ``norm_eps``: the LayerNorms' epsilon, timm's 1e-6 by default; the X-formers' code uses PyTorch's 1e-5.
+Every block passes its index to the mechanism (performer draws independent random features per layer).
 Any image size whose sides divide by the patch size works at run time. Fixed-size mechanisms
 (linformer, mixer) are built for the ``img_size`` grid and resample their weights for other grids.
 """
@@ -25,8 +31,8 @@ from ..registry import BACKBONES, check_choice
 from .base import Backbone, FeatureLevel, tokens_to_maps
 from .blocks import TransformerBlock, mixer_options
 
-STEMS = ("linear", "conv")
-POSITION_EMBEDDINGS = ("learned", "sincos", "rope", "none")
+STEMS = ("linear", "conv", "xformers")
+POSITION_EMBEDDINGS = ("learned", "sincos", "rope", "rope1d", "none")
 POOLINGS = ("token", "avg")
 
 
@@ -34,8 +40,11 @@ class PatchEmbed(nn.Module):
     """Images (B, C, H, W) -> patch tokens (B, H/p * W/p, dim) and the grid (H/p, W/p).
 
     ``stem="linear"``: one p x p convolution with stride p (timm's ``patch_embed.proj``).
-    ``stem="conv"``: the X-formers' hybrid stem: 3x3 convs to 32 and 64 channels (BN + ReLU), then a
-    3x3 conv to dim when p == 1, or a p x p stride-p conv to dim when p > 1.
+    ``stem="xformers"``: the X-formers' hybrid stem: 3x3 convs (with bias) to 32, 64 and dim channels and
+    nothing between them. Their code defines it for p == 1 only; for p > 1 lattn makes the last one a
+    p x p stride-p conv.
+    ``stem="conv"``: lattn's convolutional stem: 3x3 convs without bias to 32 and 64 channels, each
+    followed by BatchNorm and ReLU, then the same last conv.
     """
 
     def __init__(self, patch_size: int, in_chans: int, dim: int, stem: str) -> None:
@@ -43,8 +52,11 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         if stem == "linear":
             self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+            return
+        last = nn.Conv2d(64, dim, 3, padding=1) if patch_size == 1 else nn.Conv2d(64, dim, patch_size, patch_size)
+        if stem == "xformers":
+            self.proj = nn.Sequential(nn.Conv2d(in_chans, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1), last)
         else:
-            last = nn.Conv2d(64, dim, 3, padding=1) if patch_size == 1 else nn.Conv2d(64, dim, patch_size, patch_size)
             self.proj = nn.Sequential(
                 nn.Conv2d(in_chans, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
                 nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
@@ -84,6 +96,7 @@ class VisionTransformer(Backbone):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         init_values: float | None = None,
+        norm_eps: float = 1e-6,
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
@@ -106,16 +119,17 @@ class VisionTransformer(Backbone):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim)) if pos_embed == "learned" else None
         self.pos_drop = nn.Dropout(drop_rate)
 
+        rope = {"rope": "2d", "rope1d": "1d"}.get(pos_embed, False)
         block_attention_options = mixer_options(
-            attention, attention_options, self.grid_size, self.num_prefix_tokens, rope=pos_embed == "rope"
+            attention, attention_options, self.grid_size, self.num_prefix_tokens, rope=rope
         )
         drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
             TransformerBlock(embed_dim, num_heads, attention, block_attention_options, mlp_ratio, drop_rate,
-                             drop_path, init_values)
-            for drop_path in drop_paths
+                             drop_path, init_values, layer_index=index, norm_eps=norm_eps)
+            for index, drop_path in enumerate(drop_paths)
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.classifier_parts = ("head_drop", "head")
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -189,7 +203,7 @@ class VisionTransformer(Backbone):
 
 BACKBONES.register(
     "vit",
-    description="Isotropic ViT/ViX with any token mixer, linear or conv stem, learned/sin-cos/RoPE positions",
+    description="Isotropic ViT/ViX with any token mixer, linear/conv/X-formers stem, learned/sin-cos/RoPE positions",
 )(VisionTransformer)
 
 
