@@ -1,6 +1,6 @@
 """`python -m lattn_app` runs the `lattn` command."""
 
-from lattn_app.cli import main
+from lattn_app.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

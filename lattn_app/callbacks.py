@@ -57,8 +57,11 @@ def write_atomically(path: str | os.PathLike, write: Any) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as error:
         partial.unlink(missing_ok=True)
+        cause = _os_error_in(error)
+        if cause is not None:  # e.g. a full disk, which torch.save reports as "unexpected pos ..."
+            raise OSError(cause.errno, f"could not write {path}: {cause.strerror}; the previous file is kept") from error
         raise
     if os.name == "posix":  # make the rename itself durable
         folder = os.open(path.parent, os.O_RDONLY)
@@ -66,6 +69,17 @@ def write_atomically(path: str | os.PathLike, write: Any) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The operating system's error (with an errno) behind `error`, following its chained causes."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def is_local_path(path: str | os.PathLike) -> bool:

@@ -11,21 +11,25 @@ Tests and notebooks call ``main([...])`` with the same words as the command line
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import yaml
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from . import __version__, callbacks, data, tasks  # noqa: F401 (tasks, datamodules, callbacks by short class name)
 from .backbones import create_backbone
-from .registry import ATTENTIONS, BACKBONES, Entry
+from .registry import ATTENTIONS, BACKBONES, Entry, UnknownNameError
 from .tasks import LattnTask
 from .tasks.record import checkpoint_mismatch, read_checkpoint_header
 
@@ -41,12 +45,46 @@ LINKED_DATA_ATTRIBUTES = (
     ("category_ids", "category_ids"),
 )
 
-DESCRIPTION = (
-    "lattn trains and evaluates vision models built on memory-efficient attention.\n"
-    "Lightning subcommands: fit, validate, test, predict (each takes --config FILE.yaml).\n"
-    "lattn's own subcommands: `lattn list` prints every registered attention mechanism and backbone;\n"
-    "`lattn bench attention|backbone|claims` measures speed and memory (see BENCHMARKS.md)."
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (resume with --ckpt_path last)",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the held-out test split and write test_metrics.json",
+    "predict": "run a checkpoint on new data and write its predictions",
+}
+LATTN_COMMANDS = {
+    "list": "print every registered attention mechanism and backbone",
+    "bench": "measure speed and memory: `lattn bench attention|backbone|claims` (see BENCHMARKS.md)",
+}
+COMMANDS = {**LIGHTNING_COMMANDS, **LATTN_COMMANDS}
+DEBUG_VARIABLE = "LATTN_DEBUG"  # set to 1: errors show their whole traceback
+
+HELP = f"""usage: lattn COMMAND [options]
+
+lattn trains and evaluates vision models built on memory-efficient attention.
+
+commands:
+{chr(10).join(f"  {name:<10}{text}" for name, text in COMMANDS.items())}
+
+`lattn COMMAND --help` shows a command's options. fit, validate, test and predict take
+--config FILE.yaml (configs/ holds the shipped ones) and any of its keys as an option, e.g.
+--trainer.max_epochs 5; `lattn fit --config FILE.yaml --print_config` prints the whole config.
+
+options:
+  -h, --help  show this message and exit
+  --version   print the version and exit
+
+Errors are printed as one line; set {DEBUG_VARIABLE}=1 to see the whole traceback.
+"""
+
+SUBCOMMAND_DESCRIPTION = (
+    "{text}. The options below are mostly Lightning's Trainer's; the task's and the datamodule's own "
+    "options are listed by `lattn {name} --config FILE.yaml --model.help CLASS` and `--data.help CLASS` "
+    "(CLASS as in the config, e.g. StereoTask, SceneFlowDataModule)."
 )
+
+# Lightning's Trainer annotates these Union[float, int, None], so the parser reads `1` as 1.0, which
+# Lightning takes as "all batches". lattn reads what the user wrote: an integer is a number of batches.
+LIMIT_BATCH_KEYS = tuple(f"limit_{split}_batches" for split in ("train", "val", "test", "predict"))
 
 
 def config_chain(path: Path, extended_by: tuple[Path, ...] = ()) -> list[Path]:
@@ -104,6 +142,7 @@ class LattnCLI(LightningCLI):
         words = sys.argv[1:] if args is None else args
         if isinstance(words, (list, tuple)):
             expanded = with_extended_configs(words)
+            self._words = expanded
             if expanded != list(words):
                 self.config = parser.parse_args(expanded)
                 return
@@ -114,7 +153,11 @@ class LattnCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
-        kwargs.setdefault("parser_kwargs", {"prog": "lattn", "version": __version__, "description": DESCRIPTION})
+        kwargs.setdefault("parser_kwargs", {
+            "prog": "lattn", "version": __version__,
+            **{name: {"description": SUBCOMMAND_DESCRIPTION.format(name=name, text=text.capitalize())}
+               for name, text in LIGHTNING_COMMANDS.items()},
+        })
         super().__init__(args=args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -145,6 +188,10 @@ class LattnCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         config["extends"] = None  # the saved config is whole: it extends nothing
+        # jsonargparse turns `1` into 1.0 again when it builds the Trainer: they go in as arguments there.
+        self._integer_batch_limits = integer_batch_limits(getattr(self, "_words", []), config)
+        for key, value in self._integer_batch_limits.items():
+            config[f"trainer.{key}"] = value  # the saved config says what ran
         name_run_folders(config)
         # validate/test/predict from a checkpoint: the checkpoint holds every weight, so the backbone's
         # `pretrained` source is not loaded first (it may need a download or a file that has moved).
@@ -155,6 +202,9 @@ class LattnCLI(LightningCLI):
             log.info("Weights come from %s; not loading backbone_options.pretrained=%s",
                      config.ckpt_path, options["pretrained"])
             config["model.init_args.backbone_options"] = {**options, "pretrained": None}
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        return super().instantiate_trainer(**{**getattr(self, "_integer_batch_limits", {}), **kwargs})
 
     def before_fit(self) -> None:
         config = self.config[self.subcommand]
@@ -235,6 +285,32 @@ class LattnCLI(LightningCLI):
             parser.link_arguments(f"data.{data_attribute}", f"model.init_args.{model_argument}", apply_on="instantiate")
 
 
+def integer_batch_limits(words: Sequence[str], config) -> dict[str, int]:
+    """The ``trainer.limit_*_batches`` that the user wrote as an integer, which the parser made a float.
+
+    The last place that sets a key decides, as in the parser: the command line after the config files,
+    a later config file after an earlier one.
+    """
+    written: dict[str, object] = {}
+    for file in config.get("config") or []:  # config files, in the order they were read
+        try:
+            content = yaml.safe_load(Path(str(file)).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        trainer = content.get("trainer") if isinstance(content, dict) else None
+        for key in LIMIT_BATCH_KEYS:
+            if isinstance(trainer, dict) and key in trainer:
+                written[key] = trainer[key]
+    for index, word in enumerate(words):
+        for key in LIMIT_BATCH_KEYS:
+            if word == f"--trainer.{key}" and index + 1 < len(words):
+                written[key] = yaml.safe_load(words[index + 1])
+            elif word.startswith(f"--trainer.{key}="):
+                written[key] = yaml.safe_load(word.split("=", 1)[1])
+    return {key: value for key, value in written.items()
+            if isinstance(value, int) and not isinstance(value, bool) and config.get(f"trainer.{key}") == value}
+
+
 def name_run_folders(config) -> None:
     """Name the logger's and callbacks' folders after the last config file, where the config leaves them unset.
 
@@ -279,7 +355,7 @@ def print_attentions() -> None:
     print(f"Attention mechanisms ({len(entries)})")
     yes_no = {True: "yes", False: "-"}
     rows = [("NAME", "TIME", "MEMORY", "ROPE", "CROSS", "FIXED GRID", "DESCRIPTION")]
-    rows += [(e.name, e.time, e.memory, yes_no[e.rope], yes_no[e.cross], yes_no[e.fixed_grid], _described(e))
+    rows += [(e.name, e.time, e.memory, yes_no[e.rope], e.cross_attention, yes_no[e.fixed_grid], _described(e))
              for e in entries]
     _print_table(rows)
 
@@ -337,21 +413,32 @@ def show_lattn_logs(level: int = logging.INFO) -> None:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of `lattn` and `python -m lattn_app`; `args` defaults to the command line."""
+    """Entry point of `lattn` and `python -m lattn_app`; `args` defaults to the command line.
+
+    Errors propagate as exceptions (tests and notebooks call ``main([...])``); the console command
+    (:func:`console_main`) prints them as one line.
+    """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "list":
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
+        raise SystemExit(0)
+    if argv[0] == "list":
         try:
             list_command(argv[1:])
         except BrokenPipeError:  # `lattn list | head`: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return
-    if argv and argv[0] == "bench":
+    if argv[0] == "bench":
         from .bench import bench_command  # imported here: plotting and profiling only load for benchmarks
 
         bench_command(argv[1:])
         return
-    if not argv:
-        argv = args = ["--help"]
+    if not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        print(f"lattn: error: unknown command '{argv[0]}'; {hint}commands: {', '.join(COMMANDS)} "
+              "(lattn --help describes them)", file=sys.stderr)
+        raise SystemExit(2)
     show_lattn_logs()
     # LightningCLI reads sys.argv itself when args is None (and warns if given both).
     LattnCLI(args=None if args is None else argv)
@@ -361,5 +448,59 @@ def main(args: Sequence[str] | None = None) -> None:
         torch.distributed.destroy_process_group()
 
 
+# Exceptions that lattn raises on purpose about its input, settings or files: shown as their message.
+USER_ERROR_TYPES = (ValueError, OSError, UnknownNameError, FloatingPointError, RuntimeError, NotImplementedError)
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message for an error about the user's input, or None for anything else (a bug).
+
+    The message is lattn's own, even where another library re-raised it: jsonargparse wraps errors of a
+    class's ``__init__`` in "Does not validate against any of the Union subtypes ...", a DataLoader
+    worker's error arrives as a copy whose text holds the worker's traceback.
+    """
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:  # outermost first
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for candidate in reversed(chain):  # the innermost of ours is the one the user must read
+        if isinstance(candidate, USER_ERROR_TYPES) and _raised_by_lattn(candidate):
+            return _one_line(str(candidate))
+    for candidate in chain:
+        text = str(candidate)
+        if WORKER_TRACEBACK in text and "lattn_app" in text:
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            return _one_line(last.split(": ", 1)[1] if ": " in last else last)
+    return None
+
+
+def _raised_by_lattn(error: BaseException) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) or "(no message)"
+
+
+def console_main() -> None:
+    """The `lattn` command: :func:`main`, with errors about the user's input printed as one line.
+
+    ``LATTN_DEBUG=1`` shows the whole traceback instead; an error that is not about the input (a bug)
+    always does.
+    """
+    try:
+        main()
+    except Exception as error:  # noqa: BLE001 (sorted below: the user's errors as a line, bugs as tracebacks)
+        message = None if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0") else user_error_message(error)
+        if message is None:
+            raise
+        print(f"lattn: error: {message}", file=sys.stderr)
+        print(f"(set {DEBUG_VARIABLE}=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

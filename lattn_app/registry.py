@@ -53,6 +53,13 @@ class Entry:
         return bool(getattr(self.builder, "supports_cross_attention", False))
 
     @property
+    def cross_attention(self) -> str:
+        """What `lattn list` says about cross-attention: "yes", "-", or a condition such as "same grid"."""
+        if not self.cross:
+            return "-"
+        return str(getattr(self.builder, "cross_attention_grid", "yes"))
+
+    @property
     def fixed_grid(self) -> bool:
         """Built for one token grid (``grid_size``); other grids are resampled or refused."""
         return bool(getattr(self.builder, "fixed_grid", False))

@@ -21,7 +21,7 @@ def test_help_names_the_subcommands_and_lattn_list(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for word in ("fit", "validate", "test", "predict", "lattn list"):
+    for word in ("fit", "validate", "test", "predict", "list", "bench", "LATTN_DEBUG"):
         assert word in out
 
 

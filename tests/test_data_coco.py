@@ -192,3 +192,23 @@ def test_empty_split_is_an_error_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match="train split is empty.*instances_train2017.json"):
         data.setup("fit")
     assert path.is_file()
+
+
+def test_bad_boxes_and_polygons_are_named_and_handled(tmp_path, caplog):
+    """A negative-width box is left out everywhere; a 2-point polygon is not trained on and is scored with
+    its box as the mask; the warnings name the annotation ids and the file."""
+    inverted = {**SQUARE, "id": 7, "bbox": [30, 20, -5, 10]}
+    line = {**SQUARE, "id": 8, "image_id": 11, "segmentation": [[10, 8, 22, 20]]}
+    path = _write_set(tmp_path, [SQUARE, inverted, line])
+    with caplog.at_level(logging.WARNING):
+        train = load_coco_json(path, tmp_path / "val2017", [2, 5], train=True)
+    assert [a["id"] for im in train for a in im.annotations] == [1]
+    assert f"{path}: 1 annotation(s) with a box of width or height <= 0 (left out): id 7" in caplog.text
+    assert f"{path}: 1 annotation(s) with no polygon of 3 or more points (not trained on): id 8" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        evaluation = load_coco_json(path, tmp_path / "val2017", [2, 5], train=False)
+    assert [[a["id"] for a in im.annotations] for im in evaluation] == [[1], [8]]
+    assert "(its box is used as its mask): id 8" in caplog.text
+    _, target = CocoDataset(evaluation, [2, 5], build_transform(W // 2, train=False))[1]
+    assert int(target["masks"][0].sum()) == 12 * 12  # the box [10, 8, 12, 12] filled

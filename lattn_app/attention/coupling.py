@@ -39,6 +39,7 @@ class CouplingAttention(QKVAttention):
 
     needs_grid = True
     supports_rope = False
+    cross_attention_grid = "same grid"  # the context must share the query's H x W (see forward)
     compute_in_float32 = True
 
     def __init__(

@@ -19,12 +19,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 README_NAME = "README.txt"
+CACHE_VARIABLE = "LATTN_CACHE_DIR"
 STALE_TEMPORARY_SECONDS = 3600
 
 
 def default_cache_dir() -> Path:
     """``$LATTN_CACHE_DIR`` if set, else ``~/.cache/lattn``."""
-    configured = os.environ.get("LATTN_CACHE_DIR")
+    configured = os.environ.get(CACHE_VARIABLE)
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lattn"
 
 
@@ -53,11 +54,18 @@ def build_once(cache_dir: str | Path | None, name: str, write: Callable[[Path], 
             f"{root} exists but is not a complete {what} (it has no {README_NAME}); "
             "delete that folder and it will be generated again"
         )
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"cannot write the {what} into {cache_dir}: {error.strerror}; set {CACHE_VARIABLE} to a writable "
+            "folder",
+        ) from None
     _remove_stale_temporaries(cache_dir, name)
     log.info("Generating the %s into %s (done once; later runs reuse it)", what, root)
     started = time.perf_counter()
-    temporary = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))
     try:
         write(temporary)
         os.chmod(temporary, 0o755)  # mkdtemp makes it private to the user

@@ -172,7 +172,8 @@ def load_coco_json(
         raise FileNotFoundError(f"{json_path}: {len(missing)} image file(s) listed in 'images' not found, "
                                 f"first: {missing[0]}")
     known = set(ids)
-    degenerate = crowd = 0
+    degenerate, no_area, no_polygon = [], [], []  # annotation ids, named in the warnings below
+    crowd = 0
     for i, ann in enumerate(document["annotations"]):
         for key in ("image_id", "category_id", "bbox"):
             if not isinstance(ann, dict) or key not in ann:
@@ -186,13 +187,26 @@ def load_coco_json(
         bbox = ann["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4:
             raise ValueError(f"{json_path}: annotations[{i}] (id {ann.get('id')}) 'bbox' must be [x, y, w, h]; got {bbox!r}")
+        if bbox[2] <= 0 or bbox[3] <= 0:  # an inverted or empty box: no object to detect or to score
+            no_area.append(ann.get("id", f"annotations[{i}]"))
+            continue
         if (bbox[2] <= 1 or bbox[3] <= 1) and train:
-            degenerate += 1
+            degenerate.append(ann.get("id", f"annotations[{i}]"))
             continue
         if ann.get("iscrowd", 0) and train:
             crowd += 1
             continue
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list) and not any(len(p) >= 6 for p in segmentation):
+            no_polygon.append(ann.get("id", f"annotations[{i}]"))
+            if train:  # a mask loss on an empty mask would teach the model that the object is not there
+                continue
+            ann = {key: value for key, value in ann.items() if key != "segmentation"}  # scored with its box's mask
         images[ann["image_id"]].annotations.append(ann)
+    _warn_left_out(json_path, no_area, "a box of width or height <= 0", "left out")
+    _warn_left_out(json_path, degenerate, "a box of width or height <= 1", "not trained on")
+    _warn_left_out(json_path, no_polygon, "no polygon of 3 or more points",
+                   "not trained on" if train else "its box is used as its mask")
     result = list(images.values())
     empty = sum(1 for im in result if not im.annotations)
     if train:
@@ -202,10 +216,16 @@ def load_coco_json(
         json_path.name, len(result) + (empty if train else 0), empty,
         "skipped for training" if train else "kept for evaluation",
         sum(len(im.annotations) for im in result),
-        f"; skipped {degenerate} degenerate boxes (w or h <= 1) and {crowd} crowd annotations (not trained on)"
+        f"; skipped {len(degenerate)} degenerate boxes (w or h <= 1) and {crowd} crowd annotations (not trained on)"
         if train else "",
     )
     return result
+
+
+def _warn_left_out(json_path: Path, annotation_ids: list, problem: str, action: str) -> None:
+    if annotation_ids:
+        shown = ", ".join(str(a) for a in annotation_ids[:10]) + (", ..." if len(annotation_ids) > 10 else "")
+        log.warning("%s: %d annotation(s) with %s (%s): id %s", json_path, len(annotation_ids), problem, action, shown)
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
