@@ -425,8 +425,10 @@ def test_predict_pairs_from_folder_and_list(tmp_path):
     pairs = find_predict_pairs([[str(tmp_path / "pairs/left/a.png"), str(tmp_path / "pairs/right/a.png")],
                                 [str(tmp_path / "pairs/left/b.png"), str(tmp_path / "pairs/right/b.png")]])
     assert [p.name for p in pairs] == ["a.png", "b.png"]
-    with pytest.raises(ValueError, match="different sizes"):
-        next(iter(torch.utils.data.DataLoader(StereoDataset(pairs), batch_size=2, collate_fn=stereo_collate)))
+    # Pairs of different sizes batch by default (issue 20, item 9): the maps stay per-sample tensors.
+    mixed = next(iter(torch.utils.data.DataLoader(StereoDataset(pairs), batch_size=2, collate_fn=stereo_collate)))
+    assert mixed["name"] == ["a.png", "b.png"]
+    assert [tuple(t.shape) for t in mixed["left"]] == [(1, 3, 20, 30), (1, 3, 24, 40)]
 
     (tmp_path / "pairs" / "right" / "b.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"right/b\.png"):

@@ -7,6 +7,9 @@ default ``~/.cache/lattn``) and says so in the log.
 
 from .classification import CIFARDataModule, ImageFolderDataModule
 from .coco import CocoDataModule
+from .segmentation import ADE20KDataModule, CityscapesDataModule, SegmentationFolderDataModule
 from .stereo import SceneFlowDataModule
+from .stereo import ETH3DDataModule, KITTI2012DataModule, KITTI2015DataModule, MiddleburyDataModule  # noqa: F401
 
 __all__ = ["CIFARDataModule", "CocoDataModule", "ImageFolderDataModule", "SceneFlowDataModule"]
+__all__ += ["ADE20KDataModule", "CityscapesDataModule", "SegmentationFolderDataModule"]

@@ -7,6 +7,7 @@
 - :func:`write_disparity_png16` / :func:`read_disparity_png16`: disparities as 16-bit PNGs in the
   KITTI convention (value = round(disparity * 256), 0 = invalid), the usual way to save predictions.
 - :func:`colorize_disparity`: a disparity map as a colour image for viewing.
+- :func:`write_ply_points`: a coloured point cloud as binary PLY (Open3D, MeshLab, CloudCompare read it).
 
 Malformed files raise :class:`PFMError` or :class:`ImageReadError` (both ``ValueError``) whose
 message names the file and what is wrong with it; a file that does not exist raises
@@ -32,6 +33,7 @@ __all__ = [
     "read_pfm",
     "write_disparity_png16",
     "write_pfm",
+    "write_ply_points",
 ]
 
 PathLike = str | os.PathLike
@@ -253,3 +255,43 @@ def colorize_disparity(disparity: np.ndarray, max_disparity: float | None = None
     rgb = cv2.cvtColor(cv2.applyColorMap(levels, colormap), cv2.COLOR_BGR2RGB)
     rgb[~valid] = 0
     return rgb
+
+
+# ------------------------------------------------------------------------------------ point clouds
+
+
+def write_ply_points(path: PathLike, points: np.ndarray, colors: np.ndarray | None = None,
+                     comment: str | None = None) -> None:
+    """Write N points (N, 3) with optional uint8 RGB colours (N, 3) as a binary little-endian PLY.
+
+    Vertices only (``x y z`` as float32, ``red green blue`` as uchar): the point-cloud form that Open3D
+    (``read_point_cloud``), MeshLab and CloudCompare read. Parent folders are created.
+
+    Raises:
+        ValueError: `points` is not (N, 3), or `colors` does not match it.
+    """
+    points = np.asarray(points, dtype=np.float32)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"write_ply_points({str(path)!r}): expected (N, 3) points, got shape {points.shape}")
+    properties = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+    if colors is not None:
+        colors = np.asarray(colors)
+        if colors.shape != points.shape:
+            raise ValueError(f"write_ply_points({str(path)!r}): colours {colors.shape} do not match points {points.shape}")
+        properties += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    vertices = np.empty(len(points), dtype=properties)
+    vertices["x"], vertices["y"], vertices["z"] = points[:, 0], points[:, 1], points[:, 2]
+    if colors is not None:
+        vertices["red"], vertices["green"], vertices["blue"] = (np.clip(colors, 0, 255).astype(np.uint8)[:, i]
+                                                                 for i in range(3))
+    header = ["ply", "format binary_little_endian 1.0"]
+    if comment:
+        header += [f"comment {line}" for line in comment.splitlines()]
+    header.append(f"element vertex {len(points)}")
+    header += [f"property {'float' if kind == '<f4' else 'uchar'} {name}" for name, kind in properties]
+    header.append("end_header")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(("\n".join(header) + "\n").encode("ascii"))
+        handle.write(vertices.tobytes())

@@ -92,9 +92,13 @@ class StereoAttention(nn.Module):
                 f"not (set cross_attention: false, or choose one that lattn list marks CROSS yes)"
             )
         options = mixer_options(attention, attention_options, grid, 0, rope=rope)
-        self.self_blocks = nn.ModuleList(TransformerBlock(dim, num_heads, attention, options) for _ in range(depth))
+        # Self and cross blocks alternate, so they are layers 2i and 2i + 1 (performer draws per layer).
+        self.self_blocks = nn.ModuleList(
+            TransformerBlock(dim, num_heads, attention, options, layer_index=2 * i) for i in range(depth)
+        )
         self.cross_blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, attention, options) for _ in range(depth if cross_attention else 0)
+            TransformerBlock(dim, num_heads, attention, options, layer_index=2 * i + 1)
+            for i in range(depth if cross_attention else 0)
         )
 
     def forward(self, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,6 +4,7 @@ from .base import LattnTask
 from .classification import ClassificationTask
 from .classification_writer import ClassificationPredictionWriter
 from .detection import DetectionPredictionWriter, DetectionTask
+from .segmentation import SegmentationPredictionWriter, SegmentationTask
 from .stereo import StereoPredictionWriter, StereoTask
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "DetectionPredictionWriter",
     "DetectionTask",
     "LattnTask",
+    "SegmentationPredictionWriter",
+    "SegmentationTask",
     "StereoPredictionWriter",
     "StereoTask",
 ]

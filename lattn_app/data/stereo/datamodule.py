@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import defaultdict
+from typing import ClassVar
 
 import numpy as np
 
 from ..base import LattnDataModule, warn_rank_zero
 from .augmentation import StereoAugmentation
+from .calibration import StereoCalibration
 from .dataset import StereoDataset, stereo_collate
 from .files import StereoSample, find_predict_pairs
 
@@ -51,10 +53,28 @@ class StereoDataModule(LattnDataModule):
             disparities). 0 (default): off.
         rescale: training rescale range (min, max) of scale factors, disparities scaled with the
             width; None (default): off.
+        disparity_bound: the largest disparity (pixels) the evaluated or predicted pairs may hold, where
+            their files do not say (calib.txt's ``ndisp`` does). A model whose ``max_disparity`` is smaller
+            evaluates such pairs at a reduced scale (:class:`~lattn_app.tasks.stereo.StereoTask`). None:
+            not known.
+        focal_length: focal length (pixels) of pairs without a calibration file of their own (e.g.
+            ``predict_pairs``); with `baseline`, predictions also get metric depth and a point cloud.
+        baseline: baseline of those pairs; depth comes out in its unit.
+        predict_split: predict the layout's own pairs instead of `predict_pairs`: ``"testing"`` (the
+            benchmark's test images, e.g. for a submission) or ``"training"``. Layouts without such
+            folders (Scene Flow) refuse it.
         **kwargs: ``root``, ``batch_size``, ``eval_batch_size``, ``num_workers`` (:class:`LattnDataModule`).
     """
 
     collate_fn = staticmethod(stereo_collate)
+    #: the benchmark's own metrics that `lattn test` reports besides EPE and bad-1/2/3
+    #: (names of :data:`lattn_app.metrics.stereo.BENCHMARK_METRICS`); empty: none
+    benchmark_metrics: ClassVar[tuple[str, ...]] = ()
+    #: score every pixel with ground truth, as the benchmark does (True), or only those inside the model's
+    #: range, as the Scene Flow literature does (False)
+    score_all_ground_truth: ClassVar[bool] = False
+    #: the benchmark's name in the zero-shot table and the logs
+    benchmark_name: ClassVar[str] = "Scene Flow"
 
     def __init__(
         self,
@@ -74,6 +94,10 @@ class StereoDataModule(LattnDataModule):
         asymmetric_color: bool = True,
         flip_prob: float = 0.0,
         rescale: tuple[float, float] | None = None,
+        disparity_bound: float | None = None,
+        focal_length: float | None = None,
+        baseline: float | None = None,
+        predict_split: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -83,6 +107,20 @@ class StereoDataModule(LattnDataModule):
         for name, value in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
             if value is not None and value < 1:
                 raise ValueError(f"{owner}: {name} must be a positive number of frames or None; got {value!r}")
+        if disparity_bound is not None and not disparity_bound > 0:
+            raise ValueError(f"{owner}: disparity_bound must be a positive number of pixels or None; got "
+                             f"{disparity_bound!r}")
+        if (focal_length is None) != (baseline is None):
+            raise ValueError(f"{owner}: focal_length and baseline go together (depth needs both); got "
+                             f"focal_length={focal_length!r}, baseline={baseline!r}")
+        if focal_length is not None and not (focal_length > 0 and baseline > 0):
+            raise ValueError(f"{owner}: focal_length and baseline must be positive; got {focal_length!r}, {baseline!r}")
+        if predict_split is not None and predict_split not in ("training", "testing"):
+            raise ValueError(f"{owner}: predict_split must be 'training', 'testing' or None; got {predict_split!r}")
+        self.disparity_bound = disparity_bound
+        self.given_calibration = (StereoCalibration(float(focal_length), float(baseline))
+                                  if focal_length is not None else None)
+        self.predict_split = predict_split
         self.val_fraction = val_fraction
         self.val_seed = val_seed
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
@@ -110,6 +148,11 @@ class StereoDataModule(LattnDataModule):
     def test_frames(self) -> list[StereoSample]:
         """The frames of the held-out test split."""
         raise NotImplementedError
+
+    def split_pairs(self, split: str) -> list[StereoSample]:
+        """The pairs of the layout's own ``training`` or ``testing`` folder, without ground truth (predict_split)."""
+        raise ValueError(f"{type(self).__name__}: predict_split is not supported by this layout; pass "
+                         "--data.predict_pairs instead")
 
     # ------------------------------------------------------------------------------------ the splits
 
@@ -153,14 +196,20 @@ class StereoDataModule(LattnDataModule):
             train, val = self.split_train_val(self.training_frames(need_right_disparity=flip))
             self.datasets["train"] = StereoDataset(self._limit(train, "train"), self.train_transform,
                                                    use_right_disparity=flip)
-            self.datasets["val"] = StereoDataset(self._limit(val, "val"))
+            self.datasets["val"] = self._evaluation_dataset(self._limit(val, "val"))
         if stage in (None, "test") and "test" not in self.datasets:
-            self.datasets["test"] = StereoDataset(self._limit(self.test_frames(), "test"))
+            self.datasets["test"] = self._evaluation_dataset(self._limit(self.test_frames(), "test"))
         if stage in (None, "predict") and "predict" not in self.datasets:
-            if self.predict_pairs is not None:
-                self.datasets["predict"] = StereoDataset(find_predict_pairs(self.predict_pairs))
+            if self.predict_split is not None:
+                _ = self.dataset_root
+                self.datasets["predict"] = self._evaluation_dataset(self.split_pairs(self.predict_split))
+            elif self.predict_pairs is not None:
+                self.datasets["predict"] = self._evaluation_dataset(find_predict_pairs(self.predict_pairs))
             elif stage == "predict":
                 raise ValueError(f"{type(self).__name__}: nothing to predict; pass --data.predict_pairs FOLDER (with "
                                  "left/ and right/ sub-folders) or a list of [left, right] image paths")
         log.info("%s datasets after setup(%s): %s", type(self).__name__, stage,
                  {split: len(dataset) for split, dataset in self.datasets.items()})
+
+    def _evaluation_dataset(self, samples: list[StereoSample]) -> StereoDataset:
+        return StereoDataset(samples, disparity_bound=self.disparity_bound, calibration=self.given_calibration)

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .calibration import StereoCalibration
+
 __all__ = ["IMAGE_SUFFIXES", "FolderListing", "StereoSample", "find_predict_pairs"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -22,6 +24,11 @@ class StereoSample:
     disparity_right: Path | None  #: right-view disparity file (used by the view-swapping flip)
     name: str  #: the left image's path relative to the dataset root, '/' separated
     sequence: str  #: the sequence it belongs to, e.g. "flyingthings3d/TRAIN/A/0000"
+    #: where the left view's non-occluded pixels are marked: an 8-bit mask PNG (255 = non-occluded: MiddEval3's
+    #: and ETH3D's mask0nocc.png) or a 16-bit disparity PNG whose valid pixels are the non-occluded ones (KITTI's
+    #: disp_noc); None: not known
+    nonoccluded: Path | None = None
+    calibration: StereoCalibration | None = None  #: the pair's calibration, where the dataset has one
 
 
 class FolderListing:
