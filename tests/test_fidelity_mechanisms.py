@@ -8,7 +8,6 @@ docs/fidelity.md lists; a wrong mapping or formula fails these tests (checked by
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ trainable parameter counts must be the reference's.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

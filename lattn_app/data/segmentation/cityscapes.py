@@ -20,7 +20,6 @@ embedded set: ``root`` is required.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..classification.dataset import list_images
