@@ -158,7 +158,7 @@ def small_run_overrides(config: Path, data_roots: dict[str, Path], weights: Path
         return args + ["--data.root", str(data_roots["cifar"]), "--data.val_size", "4", "--data.batch_size", "4"]
     args += ["--data.root", str(data_roots["imagenet"]), "--data.batch_size", "2", "--data.image_size", "32"]
     options = dict(content["model"]["init_args"].get("backbone_options") or {})
-    if "pretrained" in options:
+    if options.get("pretrained"):
         options["pretrained"] = str(weights)  # a local timm state dict instead of a download
         args += ["--model.init_args.backbone_options", json.dumps(options)]
     return args

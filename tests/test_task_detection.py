@@ -44,9 +44,17 @@ def data_args(root: Path) -> list[str]:
 def test_there_is_a_config_per_compared_backbone():
     names = {path.stem for path in CONFIGS}
     assert {f"coco_maskrcnn_{m}" for m in ("efficient", "softmax", "coupling", "care")} <= names
+    assert {f"coco_maskrcnn_{m}" for m in ("r50", "r50_efficient", "r101_efficient", "x101_efficient")} <= names
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
+# The ResNet Mask R-CNNs of the Efficient Attention paper take 20-60 s each for one batch on 2 CPU cores:
+# the paper's own model runs by default, its baseline and the deeper twins with -m slow.
+SLOW_CONFIGS = {"coco_maskrcnn_r50", "coco_maskrcnn_r101_efficient", "coco_maskrcnn_x101_efficient"}
+CONFIG_PARAMS = [pytest.param(path, id=path.stem, marks=[pytest.mark.slow] if path.stem in SLOW_CONFIGS else [])
+                 for path in CONFIGS]
+
+
+@pytest.mark.parametrize("config", CONFIG_PARAMS)
 def test_every_coco_config_runs_one_batch_on_the_embedded_default(config, embedded_cache, tmp_path, monkeypatch):
     """What the issue asks, as a user types it: the config alone, on the embedded set."""
     monkeypatch.chdir(tmp_path)  # the configs write logs and checkpoints relative to the working directory

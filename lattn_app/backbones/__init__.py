@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import BACKBONES
-from . import care, couplformer, pyramid, vit  # noqa: F401 (register themselves)
+from . import care, couplformer, pyramid, resnet_attention, vit  # noqa: F401 (register themselves)
 from .base import Backbone, Complexity, FeatureLevel, count_complexity
 
 

@@ -121,7 +121,7 @@ def load_pretrained(model: nn.Module, source: str) -> LoadReport:
     report = LoadReport(source=source)
     _adapt_position_embedding(model, state, report)
     own = model.state_dict()
-    for key in HEAD_KEYS:
+    for key in getattr(model, "pretrained_head_keys", HEAD_KEYS):
         if key in state and key in own and state[key].shape != own[key].shape:
             del state[key]
             report.reinitialised_head.append(key)

@@ -1,10 +1,11 @@
 """What every lattn task shares: input normalisation, the optimiser recipe and the non-finite-loss guard.
 
-Optimiser: AdamW over parameter groups without weight decay for biases, norms and the backbone's
-``no_weight_decay()`` names; optionally layer-wise learning-rate decay over the backbone's blocks
-(timm's ``param_groups_layer_decay``, driven by the backbone's ``group_matcher``). Schedule: linear
-warm-up from 0 over ``warmup_epochs``, then cosine decay to ``min_lr_ratio * lr``, stepped every
-optimiser step.
+Optimiser: AdamW (or SGD with momentum, ``optimizer: sgd``, the ResNet recipes) over parameter groups
+without weight decay for biases, norms and the backbone's ``no_weight_decay()`` names; optionally
+layer-wise learning-rate decay over the backbone's blocks (timm's ``param_groups_layer_decay``, driven by
+the backbone's ``group_matcher``). Schedule: linear warm-up from 0 over ``warmup_epochs``, then cosine
+decay to ``min_lr_ratio * lr`` or, with ``lr_milestones``, tenfold drops at those epochs (the "1x" step
+schedule of Mask R-CNN); stepped every optimiser step.
 
 A training loss that is NaN or infinite stops the run with an error naming the step
 (``on_nonfinite_loss="error"``, the default; the last saved checkpoint stays as it was) or skips that
@@ -63,6 +64,18 @@ def backbone_options_with_attention(backbone: str, backbone_options: dict[str, A
     return options
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def check_milestones(milestones: Sequence[float] | None) -> list[float] | None:
+    """`milestones` sorted, or a ValueError naming the option unless they are positive epoch numbers."""
+    if milestones is None:
+        return None
+    if not milestones or not all(m > 0 for m in milestones):
+        raise ValueError(f"lr_milestones must be positive epoch numbers, e.g. [8, 11]; got {list(milestones)}")
+    return sorted(float(m) for m in milestones)
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Learning-rate factor at `step`: linear warm-up to 1, then cosine decay to `min_ratio`.
 
@@ -86,11 +99,15 @@ class LattnTask(LightningModule):
     :meth:`summary_line` (printed once at the end of ``fit``) and :meth:`fill_from_data`.
 
     Args:
-        lr: peak learning rate of AdamW (after warm-up).
-        weight_decay: AdamW weight decay (not applied to biases, norms and the backbone's
-            ``no_weight_decay()`` parameters).
+        lr: peak learning rate (after warm-up).
+        weight_decay: weight decay (not applied to biases, norms and the backbone's
+            ``no_weight_decay()`` parameters); AdamW's decoupled decay, or SGD's L2 term.
         warmup_epochs: linear warm-up from 0, in epochs (fractions allowed).
         min_lr_ratio: the cosine decay ends at this fraction of each group's rate.
+        optimizer: ``adamw`` (default) or ``sgd`` (with ``momentum``).
+        momentum: SGD's momentum (``optimizer: sgd`` only).
+        lr_milestones: epochs (fractions allowed) at which the learning rate drops tenfold, after the
+            warm-up, instead of the cosine decay (e.g. [8, 11] of 12 epochs: Mask R-CNN's 1x schedule).
         layer_decay: layer-wise learning-rate decay over the backbone's blocks (e.g. 0.75); None: off.
         freeze_backbone: train only the heads (the backbone's batch-norm statistics stay frozen too).
         mean: per-channel mean the [0, 1] input images are normalised with.
@@ -112,9 +129,16 @@ class LattnTask(LightningModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         on_nonfinite_loss: Literal["error", "skip"] = "error",
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.9,
+        lr_milestones: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         check_choice("on_nonfinite_loss", on_nonfinite_loss, ("error", "skip"))
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        self.optimizer_name = optimizer
+        self.momentum = momentum
+        self.lr_milestones = check_milestones(lr_milestones)
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1] (e.g. 0.75) or null; got {layer_decay}")
         self.lr = lr
@@ -282,12 +306,27 @@ class LattnTask(LightningModule):
                 trainable.append(group)
         return trainable
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser over :meth:`parameter_groups` (``optimizer``: adamw or sgd)."""
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameter_groups(), lr=self.lr, momentum=self.momentum,
+                                   weight_decay=self.weight_decay)
+        return torch.optim.AdamW(self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = self.build_optimizer()
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup_steps = int(round(self.warmup_epochs * total_steps / max_epochs))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, self.min_lr_ratio)
-        )
+        steps_per_epoch = total_steps / max_epochs
+        warmup_steps = int(round(self.warmup_epochs * steps_per_epoch))
+        if self.lr_milestones is None:
+            def factor(step: int) -> float:
+                return warmup_cosine(step, warmup_steps, total_steps, self.min_lr_ratio)
+        else:
+            milestone_steps = [m * steps_per_epoch for m in self.lr_milestones]
+
+            def factor(step: int) -> float:
+                warmup = (step + 1) / warmup_steps if step < warmup_steps else 1.0
+                return warmup * 0.1 ** sum(step >= milestone for milestone in milestone_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

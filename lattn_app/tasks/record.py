@@ -28,7 +28,8 @@ import torch
 # Hyperparameters that are set for evaluation or are training settings: they may differ from the
 # checkpoint's without changing what the weights mean.
 NOT_ARCHITECTURE = {"_class_path", "_instantiator", "lr", "weight_decay", "warmup_epochs", "min_lr_ratio",
-                    "layer_decay", "freeze_backbone", "on_nonfinite_loss", "num_logged_images", "teacher_checkpoint",
+                    "layer_decay", "freeze_backbone", "on_nonfinite_loss", "optimizer", "momentum", "lr_milestones",
+                    "num_logged_images", "teacher_checkpoint",
                     "teacher_backbone", "class_names"}
 # Hyperparameters that a task left unset (None) takes from the checkpoint it loads (StereoTask.max_disparity).
 TAKEN_FROM_CHECKPOINT = {"max_disparity"}
@@ -73,6 +74,11 @@ def trained_task_name(checkpoint: Mapping[str, Any]) -> str | None:
 
 def architecture(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """Backbone, attention mechanism and the backbone's own attention of a task's hyperparameters."""
+    if hparams.get("network") == "psmnet":
+        # StereoTask's PSMNet: its own feature extractor and (EA-PSMNet) attention module; backbone and
+        # attention are not read. Mechanisms with the same weight shapes (efficient, softmax) differ here only.
+        return {"backbone": "psmnet", "attention": hparams.get("psmnet_attention") or "none",
+                "backbone_options.attention": None}
     options = hparams.get("backbone_options") or {}
     return {"backbone": hparams.get("backbone"), "attention": hparams.get("attention"),
             "backbone_options.attention": options.get("attention")}
