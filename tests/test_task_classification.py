@@ -480,3 +480,36 @@ def test_quickstart_config_learns_the_embedded_set_well_above_chance(tmp_path, m
     out = capsys.readouterr().out
     accuracy = float(out.split("Validation accuracy ")[1].split()[0])
     assert accuracy > 0.6, out
+
+
+class LearningRates(Callback):
+    """The first parameter group's learning rate at every training step."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_sgd_with_warm_up_and_tenfold_drops_at_the_milestones(tmp_path):
+    """optimizer: sgd and lr_milestones (the ResNet and Mask R-CNN recipes), under a real Trainer."""
+    task = ClassificationTask(backbone="pyramid_tiny", backbone_options={"img_size": 32}, num_classes=4,
+                              optimizer="sgd", momentum=0.8, lr=0.1, weight_decay=1e-4, warmup_epochs=0.5,
+                              lr_milestones=[2, 3])
+    rates = LearningRates()
+    trainer = Trainer(max_epochs=4, limit_train_batches=2, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[rates], default_root_dir=tmp_path)
+    trainer.fit(task, DataLoader(QuadrantImages(4, size=32), batch_size=2))
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.8
+    # 2 steps per epoch: warm-up over step 0 (0.5 epochs), drops after 2 and 3 epochs (steps 4 and 6).
+    assert rates.rates == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+@pytest.mark.parametrize("options, message", [({"optimizer": "adam"}, "optimizer"),
+                                              ({"lr_milestones": [0, 8]}, "lr_milestones must be positive")])
+def test_bad_optimiser_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        ClassificationTask(backbone="pyramid_tiny", num_classes=4, **options)

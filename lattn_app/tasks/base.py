@@ -76,6 +76,12 @@ def check_milestones(milestones: Sequence[float] | None) -> list[float] | None:
     return sorted(float(m) for m in milestones)
 
 
+def warmup_step_decay(step: int, warmup_steps: int, milestone_steps: Sequence[float]) -> float:
+    """Learning-rate factor at `step`: linear warm-up to 1, then divided by 10 at every milestone passed."""
+    warmup = (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    return warmup * 0.1 ** sum(step >= milestone for milestone in milestone_steps)
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Learning-rate factor at `step`: linear warm-up to 1, then cosine decay to `min_ratio`.
 
@@ -326,7 +332,6 @@ class LattnTask(LightningModule):
             milestone_steps = [m * steps_per_epoch for m in self.lr_milestones]
 
             def factor(step: int) -> float:
-                warmup = (step + 1) / warmup_steps if step < warmup_steps else 1.0
-                return warmup * 0.1 ** sum(step >= milestone for milestone in milestone_steps)
+                return warmup_step_decay(step, warmup_steps, milestone_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
