@@ -7,6 +7,8 @@ import torch
 from lattn_app.attention import attention_info, create_attention
 
 ALL_MECHANISMS = ["softmax", "efficient", "performer", "linformer", "nystrom", "fnet", "mixer", "coupling", "care"]
+# float64 comparisons against the authors' code (weights copied across): agreement to round-off.
+TIGHT = dict(rtol=1e-10, atol=1e-12)
 LINEAR_MECHANISMS = ["efficient", "performer", "nystrom", "care", "coupling", "fnet"]
 
 

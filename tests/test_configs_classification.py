@@ -104,14 +104,7 @@ def write_image_folder(root: Path, classes=("n01440764", "n01443537", "n01484850
     return root
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these one-batch runs are hundreds of tiny kernels, which a second OpenMP
-    thread only slows down (badly, on a CPU shared with other work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

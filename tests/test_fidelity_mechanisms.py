@@ -8,7 +8,6 @@ docs/fidelity.md lists; a wrong mapping or formula fails these tests (checked by
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -16,20 +15,13 @@ from torch import nn
 from lattn_app.attention import create_attention
 from lattn_app.backbones import create_backbone
 
+from .helpers import TIGHT
+
 performer_pytorch = pytest.importorskip("performer_pytorch")
 linformer = pytest.importorskip("linformer")
 nystrom_attention = pytest.importorskip("nystrom_attention")
 
-TIGHT = dict(rtol=1e-10, atol=1e-12)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these are many tiny float64 kernels, which a second thread only slows down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)  # float64: agreement to round-off
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_function(ours: nn.Module, reference: nn.Module, x: torch.Tensor, ours_kwargs=None,

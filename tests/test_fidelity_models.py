@@ -10,7 +10,6 @@ trainable parameter counts must be the reference's.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -19,19 +18,12 @@ from torch.nn import functional as F
 from lattn_app.backbones import create_backbone
 from lattn_app.backbones.couplformer import couplformer, couplformer_hierarchical
 
+from .helpers import TIGHT
+
 performer_pytorch = pytest.importorskip("performer_pytorch")
 linformer = pytest.importorskip("linformer")
 
-TIGHT = dict(rtol=1e-10, atol=1e-12)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these are many tiny float64 kernels, which a second thread only slows down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainable(module: nn.Module) -> int:

@@ -32,14 +32,7 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:You are trying to `self\.log\(\
 TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "mlp_ratio": 2.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these small models run many tiny kernels, which a second OpenMP thread only
-    slows down (badly, on a CPU shared with other work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class QuadrantImages(Dataset):
