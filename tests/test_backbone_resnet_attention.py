@@ -175,3 +175,13 @@ def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")) as error:
         create_backbone(name, **options)
     assert "\n" not in str(error.value)
+
+
+def test_the_resnets_feed_semantic_fpn():
+    """Segmentation on the paper's ResNet (issue: "the ResNets of the EA issue" as Semantic FPN backbones)."""
+    from lattn_app.tasks.segmentation import SegmentationTask
+
+    task = SegmentationTask(backbone="resnet50", attention="efficient", num_classes=5,
+                            backbone_options={"attention_positions": 1, "num_classes": 0})
+    logits = task(task.normalize(torch.rand(1, 3, 64, 96)))
+    assert logits.shape == (1, 5, 64, 96)
