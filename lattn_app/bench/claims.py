@@ -12,7 +12,8 @@
    5 non-local blocks ran out of memory (the paper's Table). Measured: lattn's ``resnet50`` Mask R-CNN
    (FrozenBatchNorm, layer2-4 trained, as torchvision's) with 5 modules placed as the non-local paper's
    5 blocks, efficient against materialised softmax (the non-local block's N x N map) and against fused
-   softmax (today's memory-efficient kernel, which the paper did not have), at 800 x 1333, batch 1.
+   softmax through ``scaled_dot_product_attention`` (PyTorch's CPU flash kernel needs equal key and value
+   widths, so with keys C/2 and values C it computes the N x N map as well), at 800 x 1333, batch 1.
 
 Training memory = weights + gradients + the peak extra memory of one training step (SGD without
 momentum, so no optimiser state); batch 1 by default. A network that runs out of memory under the limit
@@ -211,7 +212,7 @@ def run_claims(device: torch.device, quick: bool, batch: int, memory_limit: int 
     # 4. Efficient attention modules vs non-local blocks in the Mask R-CNN ResNet-50 FPN.
     image = settings["coco_image"]
     log(f"claim 4: Mask R-CNN ResNet-50 FPN with 5 attention modules at {image[0]}x{image[1]}, batch {batch}")
-    layouts = {"efficient": ("efficient", None, 5), "non-local": (*REGULAR, 5), "fused softmax": ("softmax", None, 5),
+    layouts = {"efficient": ("efficient", None, 5), "non-local": (*REGULAR, 5), "softmax via SDPA": ("softmax", None, 5),
                "no modules": ("efficient", None, 0)}
     used = {label: measure(lambda: maskrcnn_memory(name, options, modules, image, batch, device), memory_limit,
                            device)
