@@ -413,16 +413,22 @@ def test_claims_print_each_claim_with_the_papers_number_and_ours(tmp_path, capsy
     def stereo(attention, options, crop, batch, device, attention_only):
         return (3 if options == {"fused": False} else 1) * 2**20 * (1 if attention_only else 10)
 
+    def maskrcnn(attention, options, modules, image, batch, device):
+        return (5 if options == {"fused": False} else 2 if modules else 1) * 2**20
+
     monkeypatch.setattr(claims, "classifier_memory", classifier)
     monkeypatch.setattr(claims, "stereo_memory", stereo)
+    monkeypatch.setattr(claims, "maskrcnn_memory", maskrcnn)
     main(["bench", "claims", "--quick", "--output", str(tmp_path)])
     out = capsys.readouterr().out
-    for claim, paper in (("Couplformer", "42% less"), ("X-formers", "up to 7x less"), ("Efficient attention", "")):
+    for claim, paper in (("Couplformer", "42% less"), ("X-formers", "up to 7x less"), ("Efficient attention", ""),
+                         ("5 modules in a Mask R-CNN", "5 and 7 non-local blocks out of memory")):
         block = out[out.index(claim):]
         assert "paper:" in block and paper in block and "ours:" in block
     document = json.loads((tmp_path / "claims.json").read_text())
-    assert [c["value"] for c in document["results"]] == [0.5, 4.0, 3.0]  # 50% less, 4x less, 3x less
+    assert [c["value"] for c in document["results"]] == [0.5, 4.0, 3.0, 2.5]  # 50% less, 4x, 3x, 2.5x less
     assert "50% less" in out and "up to 4.0x less" in out and "network 3.0x less" in out
+    assert "5 non-local blocks take 2.5x the training memory of 5 efficient modules" in out
     assert claims.XFORMERS == ("performer", "linformer", "nystrom", "fnet", "mixer")
     assert (tmp_path / "claims.md").exists() and (tmp_path / "claims.csv").exists()
 
@@ -437,6 +443,17 @@ def test_claims_measure_training_memory_of_the_networks():
     efficient = claims.stereo_memory("efficient", None, (32, 64), 1, cpu, attention_only=True)
     regular = claims.stereo_memory(*claims.REGULAR, (32, 64), 1, cpu, attention_only=True)
     assert 0 < efficient < regular  # 128 tokens per view: the materialised maps already cost more
+
+
+@pytest.mark.slow  # about 30 s: up to four Mask R-CNN training steps for one reading
+def test_claims_measure_training_memory_of_the_mask_rcnn():
+    from lattn_app.bench import claims
+    from lattn_app.models.detection import build_detector
+
+    weights = sum(p.numel() * 4 for p in build_detector(
+        "maskrcnn", 80, "resnet50", {"attention_positions": 1, "num_classes": 0}).parameters())
+    maskrcnn = claims.maskrcnn_memory("efficient", None, 1, (64, 96), 1, torch.device("cpu"))
+    assert maskrcnn > weights  # weights + the trained layers' gradients + the step's activations
 
 
 def test_bench_without_a_subcommand_explains_the_choices(capsys):
