@@ -21,7 +21,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lattn_app.attention import list_attentions
 from lattn_app.backbones import create_backbone
-from lattn_app.backbones.resnet_attention import AttentionModule2d, placement_rule
+from lattn_app.backbones.attention_module import AttentionModule2d
+from lattn_app.backbones.resnet_attention import placement_rule
 from lattn_app.models.detection import build_detector
 
 

@@ -1,4 +1,8 @@
-"""StereoTask: disparity estimation on Scene Flow-format data with the attention stereo network.
+"""StereoTask: disparity estimation on Scene Flow-format data with the attention stereo network or PSMNet.
+
+``network: attention`` (the default) trains lattn's attention stereo network
+(:mod:`lattn_app.models.stereo`); ``network: psmnet`` trains PSMNet's own stacked-hourglass network, and
+with ``psmnet_attention: efficient`` the Efficient Attention paper's EA-PSMNet (:mod:`lattn_app.models.psmnet`).
 
 Training minimises PSMNet's multi-output smooth-L1 loss over valid pixels (0 < ground truth <
 max_disparity), one term per hourglass output weighted by ``loss_weights``. Validation and test report
@@ -57,7 +61,9 @@ from ..metrics.stereo import (
     stereo_metrics,
     valid_disparity_mask,
 )
+from ..models.psmnet import PSMNet
 from ..models.stereo import StereoNet, StereoNetOptions, check_max_disparity
+from ..registry import check_choice
 from .base import LattnTask
 from .record import checkpoint_mismatch, read_checkpoint_header
 
@@ -65,10 +71,11 @@ log = logging.getLogger(__name__)
 
 PSMNET_LOSS_WEIGHTS = (0.5, 0.7, 1.0)
 DEFAULT_MAX_DISPARITY = 192  # PSMNet's range on Scene Flow
+NETWORKS = ("attention", "psmnet")  # StereoNet (lattn's attention stereo network), PSMNet / EA-PSMNet
 
 
 class StereoTask(LattnTask):
-    """Stereo matching: PSMNet with registry backbone and attention over 1/4-resolution features.
+    """Stereo matching: PSMNet with registry backbone and attention over 1/4-resolution features, or PSMNet's own network.
 
     Args:
         max_disparity: largest disparity the cost volume covers (a multiple of 16). Pixels with ground
@@ -92,9 +99,18 @@ class StereoTask(LattnTask):
         init_checkpoint: fine-tuning: a lattn stereo checkpoint (e.g. Scene Flow's best.ckpt) whose weights
             the model starts from when a ``fit`` begins (not when it resumes with ``--ckpt_path``); it must
             have this config's architecture. None: random initialisation.
-        lr_milestones: epochs at which the learning rate drops tenfold, with no warm-up or cosine decay
-            (PSMNet's KITTI recipe: [200] of 300 epochs). None: the warm-up and cosine schedule.
-        **kwargs: the training options of :class:`~lattn_app.tasks.base.LattnTask` (``lr``, ...).
+        network: ``attention`` (default): the attention stereo network above
+            (:class:`~lattn_app.models.stereo.StereoNet`). ``psmnet``: PSMNet's own stacked-hourglass
+            network (:class:`~lattn_app.models.psmnet.PSMNet`, 5.22M parameters), which does not read
+            `backbone`, `backbone_options`, `attention`, `attention_options` or `net` (but its
+            ``img_size``).
+        psmnet_attention: with ``network: psmnet``: None (default): PSMNet; a registered mechanism
+            (``efficient``: the Efficient Attention paper's EA-PSMNet; ``softmax``: a non-local module)
+            adds one attention module after the feature extractor's last residual layer.
+        psmnet_attention_options: that mechanism's own options.
+        psmnet_attention_heads: heads of that module (1: the paper's module).
+        **kwargs: the training options of :class:`~lattn_app.tasks.base.LattnTask` (``lr``,
+            ``lr_milestones``: PSMNet's KITTI recipe drops the rate tenfold at epoch 200 of 300, ...).
     """
 
     def __init__(
@@ -109,14 +125,28 @@ class StereoTask(LattnTask):
         num_logged_images: int = 2,
         classical_baseline: bool = True,
         init_checkpoint: str | None = None,
-        lr_milestones: Sequence[float] | None = None,
+        network: str = "attention",
+        psmnet_attention: str | None = None,
+        psmnet_attention_options: dict[str, Any] | None = None,
+        psmnet_attention_heads: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_choice("model.network", network, NETWORKS)
         net = StereoNetOptions.of(net)
         self.save_hyperparameters()
         self.hparams["net"] = asdict(net)  # checkpoints hold plain values (they load with weights_only=True)
-        num_hourglasses = net.num_hourglasses
+        if network == "psmnet":
+            unread = [f"net.{key}" for key, value in asdict(net).items()
+                      if key != "img_size" and value != getattr(StereoNetOptions(), key)]
+            if unread:  # a warning, not an error: one command line may serve both networks' configs
+                log.warning("network psmnet does not read %s (options of network 'attention'); PSMNet's "
+                            "architecture is fixed", ", ".join(unread))
+        elif psmnet_attention is not None or psmnet_attention_options:
+            raise ValueError(f"model.psmnet_attention is {psmnet_attention!r} but model.network is {network!r}; "
+                             "expected network: psmnet (or psmnet_attention: null)")
+        self.network = network
+        num_hourglasses = PSMNet.num_outputs if network == "psmnet" else net.num_hourglasses
         if loss_weights is None:
             loss_weights = PSMNET_LOSS_WEIGHTS[-num_hourglasses:] if num_hourglasses <= 3 else [1.0] * num_hourglasses
         if len(loss_weights) != num_hourglasses:
@@ -124,9 +154,14 @@ class StereoTask(LattnTask):
         self.loss_weights = list(loss_weights)
         self.num_logged_images = num_logged_images
         # Built at PSMNet's range when max_disparity is unset: no weight depends on it (set_max_disparity).
-        self.net = StereoNet(max_disparity or DEFAULT_MAX_DISPARITY, backbone, backbone_options, attention,
-                             attention_options, net)
-        self.backbone = self.net.backbone
+        if network == "psmnet":
+            self.net = PSMNet(max_disparity or DEFAULT_MAX_DISPARITY, psmnet_attention, psmnet_attention_options,
+                              psmnet_attention_heads, tuple(net.img_size))
+            self.backbone = self.net.feature_extraction  # what freeze_backbone freezes
+        else:
+            self.net = StereoNet(max_disparity or DEFAULT_MAX_DISPARITY, backbone, backbone_options, attention,
+                                 attention_options, net)
+            self.backbone = self.net.backbone
         self.val_metrics = stereo_metrics(None, "val_")
         self.test_metrics = stereo_metrics(None, "test_")
         self.val_baseline = EndPointError()
@@ -136,9 +171,6 @@ class StereoTask(LattnTask):
         self.test_sgbm = stereo_metrics(None, "test_sgbm_")
         self.test_sgbm_benchmark = nn.ModuleDict({name: benchmark_metric(name) for name in BENCHMARK_METRICS})
         self.classical_baseline = classical_baseline
-        if lr_milestones is not None and (not all(m > 0 for m in lr_milestones) or not lr_milestones):
-            raise ValueError(f"lr_milestones must be positive epoch numbers, e.g. [200]; got {list(lr_milestones)}")
-        self.lr_milestones = None if lr_milestones is None else sorted(float(m) for m in lr_milestones)
         self.init_checkpoint = init_checkpoint
         self.score_all_ground_truth = False  # set from the datamodule when evaluation starts
         self.reported_benchmark_metrics: tuple[str, ...] = ()
@@ -219,15 +251,6 @@ class StereoTask(LattnTask):
         trained = (header.get("hyper_parameters") or {}).get("max_disparity")
         log.info("Fine-tuning from %s (trained with max_disparity %s; this run uses %s)", path, trained,
                  self.max_disparity)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        if self.lr_milestones is None:
-            return super().configure_optimizers()
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)
-        milestones = self.lr_milestones
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda epoch: 0.1 ** sum(epoch >= milestone for milestone in milestones))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def fill_from_data(self, datamodule: Any) -> dict[str, Any]:
         if self.max_disparity is not None:
