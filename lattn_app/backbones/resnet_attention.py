@@ -221,7 +221,7 @@ def _preset(name: str, description: str) -> None:
     )
 
 
-_preset("resnet50", "torchvision ResNet-50 with attention modules (Efficient Attention §4; positions 0 = plain)")
-_preset("resnet101", "torchvision ResNet-101 with attention modules (Efficient Attention §4; positions 0 = plain)")
-_preset("resnext101_32x8d", "torchvision ResNeXt-101 32x8d with attention modules (positions 0 = plain)")
-_preset("resnext101_64x4d", "torchvision ResNeXt-101 64x4d with attention modules (positions 0 = plain)")
+_preset("resnet50", "torchvision ResNet-50 with Efficient Attention modules (default 1; attention_positions 0 = plain)")
+_preset("resnet101", "torchvision ResNet-101 with Efficient Attention modules (default 1; attention_positions 0 = plain)")
+_preset("resnext101_32x8d", "torchvision ResNeXt-101 32x8d with Efficient Attention modules (attention_positions 0 = plain)")
+_preset("resnext101_64x4d", "torchvision ResNeXt-101 64x4d with Efficient Attention modules (attention_positions 0 = plain)")
