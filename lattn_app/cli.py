@@ -4,6 +4,7 @@
     lattn test --config configs/<task>.yaml --ckpt_path <checkpoint>
     lattn list                                       # registered attention mechanisms and backbones
     lattn bench attention --quick                    # speed and memory benchmarks (also: backbone, claims)
+    lattn export --config X.yaml --ckpt_path Y --format onnx --output model.onnx   # deployable model
 
 Tests and notebooks call ``main([...])`` with the same words as the command line.
 """
@@ -29,7 +30,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from . import __version__, callbacks, data, tasks  # noqa: F401 (tasks, datamodules, callbacks by short class name)
 from .backbones import create_backbone
-from .registry import ATTENTIONS, BACKBONES, Entry, UnknownNameError
+from .registry import ATTENTIONS, BACKBONES, Entry, UnknownNameError, builder_options
 from .tasks import LattnTask
 from .tasks.record import checkpoint_mismatch, read_checkpoint_header
 
@@ -53,7 +54,8 @@ LIGHTNING_COMMANDS = {
 }
 LATTN_COMMANDS = {
     "list": "print every registered attention mechanism and backbone",
-    "bench": "measure speed and memory: `lattn bench attention|backbone|claims` (see BENCHMARKS.md)",
+    "bench": "measure speed and memory: `lattn bench attention|backbone|claims|export` (see BENCHMARKS.md)",
+    "export": "write a checkpoint as an ONNX file or torch.export program (see docs/export.md)",
 }
 COMMANDS = {**LIGHTNING_COMMANDS, **LATTN_COMMANDS}
 DEBUG_VARIABLE = "LATTN_DEBUG"  # set to 1: errors show their whole traceback
@@ -91,8 +93,16 @@ def config_chain(path: Path, extended_by: tuple[Path, ...] = ()) -> list[Path]:
     """`path` preceded by the configs it builds on: its ``extends:`` file (relative to it), recursively."""
     try:
         content = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+    except OSError:
         return [path]  # the parser reports a missing or unreadable file
+    except yaml.YAMLError as error:  # the parser's own message would say "<unicode string>", not the file
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and start is not None:  # where the unclosed bracket or block began
+            problem += f", {context} at line {start.line + 1}, column {start.column + 1}"
+        raise ValueError(f"{path}{where}: not valid YAML ({problem})") from None
     base = content.get("extends") if isinstance(content, dict) else None
     if not base:
         return [path]
@@ -102,6 +112,47 @@ def config_chain(path: Path, extended_by: tuple[Path, ...] = ()) -> list[Path]:
     if not base_path.is_file():
         raise FileNotFoundError(f"{path}: 'extends: {base}' names {base_path}, which is not a file")
     return [*config_chain(base_path, (*extended_by, path)), path]
+
+
+def _config_class(class_path: Any) -> type | None:
+    """The task or datamodule class a config's ``class_path`` names (short name or dotted path); None: unknown."""
+    if not isinstance(class_path, str):
+        return None
+    if "." not in class_path:
+        return getattr(tasks, class_path, None) or getattr(data, class_path, None)
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name, None)
+    except ImportError:
+        return None
+
+
+def check_config_keys(files: Sequence[Path]) -> None:
+    """A one-line error for a misspelled ``model``/``data`` option in a config file, naming the file and key.
+
+    jsonargparse reports it as a Union-subtypes dump without the file; this checks each file of an
+    ``extends`` chain against the class its chain has named so far (unknown classes are left to it).
+    """
+    classes: dict[str, type | None] = {}
+    for file in files:
+        content = yaml.safe_load(file.read_text()) or {}
+        if not isinstance(content, dict):
+            continue
+        for group in ("model", "data"):
+            section = content.get(group)
+            if not isinstance(section, dict):
+                continue
+            if "class_path" in section:
+                classes[group] = _config_class(section["class_path"])
+            cls, init_args = classes.get(group), section.get("init_args")
+            accepted = builder_options(cls) if cls is not None else None
+            if accepted is None or not isinstance(init_args, dict):
+                continue
+            for key in init_args:
+                if key not in accepted:
+                    close = difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.6)
+                    hint = f"; did you mean {close[0]!r}?" if close else f"; its options: {', '.join(accepted)}"
+                    raise ValueError(f"{file}: {group}.init_args.{key} is not an option of {cls.__name__}{hint}")
 
 
 def with_extended_configs(args: Sequence[str]) -> list[str]:
@@ -117,7 +168,10 @@ def with_extended_configs(args: Sequence[str]) -> list[str]:
             expanded.append(word)
             index += 1
             continue
-        for file in config_chain(Path(path)):
+        chain = config_chain(Path(path))
+        if all(file.is_file() for file in chain):
+            check_config_keys(chain)
+        for file in chain:
             expanded += ["--config", str(file)]
     return expanded
 
@@ -195,13 +249,8 @@ class LattnCLI(LightningCLI):
         name_run_folders(config)
         # validate/test/predict from a checkpoint: the checkpoint holds every weight, so the backbone's
         # `pretrained` source is not loaded first (it may need a download or a file that has moved).
-        if self.subcommand not in ("validate", "test", "predict"):
-            return
-        options = config.get("model.init_args.backbone_options")
-        if config.get("ckpt_path") and isinstance(options, dict) and options.get("pretrained"):
-            log.info("Weights come from %s; not loading backbone_options.pretrained=%s",
-                     config.ckpt_path, options["pretrained"])
-            config["model.init_args.backbone_options"] = {**options, "pretrained": None}
+        if self.subcommand in ("validate", "test", "predict"):
+            weights_come_from_checkpoint(config, config.get("ckpt_path"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         return super().instantiate_trainer(**{**getattr(self, "_integer_batch_limits", {}), **kwargs})
@@ -276,13 +325,25 @@ class LattnCLI(LightningCLI):
         parser.add_argument("--extends", type=str | None, default=None,
                             help="In a config file: the config it builds on (a path relative to it), read first.")
         parser.add_argument("--overwrite", type=bool, default=False,
-                            help="fit: let a new run replace the checkpoints an earlier run left in its folder.")
+                            help="fit: let a new run replace the checkpoints an earlier run left in its folder; "
+                                 "export: replace an existing --output file.")
         parser.add_argument("--untrained", type=bool, default=False,
                             help="validate/test/predict: run the untrained model (no --ckpt_path) on purpose.")
         # What the data determines is linked, not repeated: the model gets it from the datamodule
         # instance. A link whose source or target a chosen class lacks is skipped by jsonargparse.
         for data_attribute, model_argument in LINKED_DATA_ATTRIBUTES:
             parser.link_arguments(f"data.{data_attribute}", f"model.init_args.{model_argument}", apply_on="instantiate")
+
+
+def weights_come_from_checkpoint(config, ckpt_path: str | None) -> None:
+    """With a checkpoint (validate/test/predict, export), the backbone's `pretrained` source is not loaded first.
+
+    The checkpoint holds every weight, and the source may need a download or a file that has moved.
+    """
+    options = config.get("model.init_args.backbone_options")
+    if ckpt_path and isinstance(options, dict) and options.get("pretrained"):
+        log.info("Weights come from %s; not loading backbone_options.pretrained=%s", ckpt_path, options["pretrained"])
+        config["model.init_args.backbone_options"] = {**options, "pretrained": None}
 
 
 def integer_batch_limits(words: Sequence[str], config) -> dict[str, int]:
@@ -432,6 +493,12 @@ def main(args: Sequence[str] | None = None) -> None:
         from .bench import bench_command  # imported here: plotting and profiling only load for benchmarks
 
         bench_command(argv[1:])
+        return
+    if argv[0] == "export":
+        show_lattn_logs()
+        from .export import export_command  # imported here: the exporters only load for exporting
+
+        export_command(argv[1:])
         return
     if not argv[0].startswith("-") and argv[0] not in COMMANDS:
         close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)

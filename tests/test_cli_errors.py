@@ -3,6 +3,7 @@
 import resource
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +50,34 @@ def test_an_option_error_from_the_datamodule_is_one_line(tmp_path, monkeypatch, 
     monkeypatch.setattr(sys, "argv", ["lattn", "fit", "--config", QUICKSTART, "--data.init_args.batch_size", "-1"])
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         console_main()
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path, monkeypatch, capsys):
+    """PyYAML's own message says "<unicode string>"; the user needs the file (an extended base included)."""
+    monkeypatch.delenv("LATTN_DEBUG", raising=False)
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  class_path: StereoTask\n  init_args:\n    lr: [0.1\n")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("extends: base.yaml\nmodel:\n  init_args:\n    lr: 0.2\n")
+    code, err = lattn(monkeypatch, capsys, "fit", "--config", str(overlay))
+    assert code == 1
+    assert [line for line in err.splitlines() if line.startswith("lattn: error:")] == [
+        f"lattn: error: {base}, line 5, column 1: not valid YAML (expected ',' or ']', but got '<stream end>', "
+        "while parsing a flow sequence at line 4, column 9)"]
+    assert "<unicode string>" not in err
+
+
+def test_a_misspelled_key_in_a_config_file_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """jsonargparse would print its usage and a Union dump without the file; the overlay's class comes from its base."""
+    monkeypatch.delenv("LATTN_DEBUG", raising=False)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(f"extends: {Path(QUICKSTART).resolve()}\ndata:\n  init_args:\n    batchsize: 2\n")
+    code, err = lattn(monkeypatch, capsys, "fit", "--config", str(overlay))
+    assert code == 1
+    assert [line for line in err.splitlines() if line.startswith("lattn: error:")] == [
+        f"lattn: error: {overlay}: data.init_args.batchsize is not an option of ImageFolderDataModule; "
+        "did you mean 'batch_size'?"]
+    assert "usage:" not in err
 
 
 def test_unwritable_cache_folder_names_the_folder_and_the_variable(tmp_path):

@@ -36,6 +36,18 @@ def check_tokens(x: Tensor, hw: Grid | None, what: str = "x") -> None:
         )
 
 
+def as_grid(hw) -> Grid:
+    """(H, W) as Python integers (from tensors, numpy integers, ...); symbolic sizes stay symbolic.
+
+    int() of a torch.SymInt (a size while torch.export / torch.compile traces) would fix the traced
+    graph to the example's grid, so an exported model would be wrong at every other image size.
+    """
+    def size(value) -> int:
+        return value if isinstance(value, (int, torch.SymInt)) else int(value)
+
+    return (size(hw[0]), size(hw[1]))
+
+
 def num_prefix(num_tokens: int, hw: Grid | None) -> int:
     """Tokens before the grid; with no grid every token counts as a plain (non-grid) token."""
     return 0 if hw is None else num_tokens - hw[0] * hw[1]
@@ -86,9 +98,9 @@ class TokenMixer(nn.Module):
     ) -> Tensor:
         name = type(self).__name__
         if hw is not None:
-            hw = (int(hw[0]), int(hw[1]))
+            hw = as_grid(hw)
         if context_hw is not None:
-            context_hw = (int(context_hw[0]), int(context_hw[1]))
+            context_hw = as_grid(context_hw)
         check_tokens(x, hw)
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name} was built for width {self.dim}; x has width {x.shape[-1]}")
@@ -231,7 +243,9 @@ def resample_grid_weight(
     `preserve_sum` it is also scaled by (H*W)/(H'*W') so that a weighted sum over all tokens keeps its
     magnitude. With ``policy="error"`` any other grid is refused with the supported size named.
     """
-    if tuple(hw) == tuple(built_hw):
+    # Under torch.export the resampling is traced for the built grid too (where bilinear resampling to the same
+    # size reads every weight exactly), so that the exported model follows the grid of every input.
+    if not (policy == "resample" and torch.compiler.is_exporting()) and tuple(hw) == tuple(built_hw):
         return weight
     if policy == "error":
         raise ValueError(

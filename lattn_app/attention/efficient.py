@@ -159,6 +159,12 @@ def efficient_attention(
     if context_dropout > 0 and training:  # the plain formula, differentiated by autograd
         context = k.softmax(dim=-2).transpose(-2, -1) @ v
         return q.softmax(dim=-1) @ F.dropout(context, context_dropout, training)
+    if torch.compiler.is_exporting():
+        # torch.export (and the ONNX exporter on top of it): the same formula in one piece. The chunk count
+        # depends on N, which an exported graph keeps symbolic, and the Function's backward is not exported.
+        accumulate = torch.promote_types(v.dtype, torch.float32)
+        context = k.softmax(dim=-2).to(accumulate).transpose(-2, -1) @ v.to(accumulate)
+        return q.softmax(dim=-1) @ context.to(q.dtype)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _SoftmaxEfficientAttention.apply(q, k, v)
     context, _ = softmax_key_context(k, v)

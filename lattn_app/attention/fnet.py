@@ -44,7 +44,8 @@ def real_part_of_fft2(x: Tensor, norm: str) -> Tensor:
 
 def real_part_of_fft(x: Tensor, dims: tuple[int, ...], norm: str) -> Tensor:
     """Re(FFT over `dims`) of a real x, by the fastest route for its size (no autograd of its own)."""
-    if dims == (-2, -1) and x.shape[-2] * x.shape[-1] >= REAL_INPUT_MIN_ELEMENTS:
+    # An exported graph keeps N symbolic, so it takes one route for every size (the full FFT's).
+    if dims == (-2, -1) and not torch.compiler.is_exporting() and x.shape[-2] * x.shape[-1] >= REAL_INPUT_MIN_ELEMENTS:
         return real_part_of_fft2(x, norm)
     return torch.fft.fftn(x, dim=dims, norm=norm).real
 

@@ -39,7 +39,8 @@ def newton_pinv(a: Tensor, iterations: int = 6) -> Tensor:
 def segment_means(t: Tensor, num_segments: int) -> Tensor:
     """Means of `num_segments` contiguous, nearly equal segments along dim -2 of t (B, h, N, d)."""
     n = t.shape[-2]
-    if n % num_segments == 0:
+    # Exported graphs keep n symbolic: they take the general route (the same means) for every n.
+    if n % num_segments == 0 and not torch.compiler.is_exporting():
         return t.unflatten(-2, (num_segments, n // num_segments)).mean(dim=-2)
     segment = torch.arange(n, device=t.device) * num_segments // n
     counts = torch.bincount(segment, minlength=num_segments).to(t.dtype)

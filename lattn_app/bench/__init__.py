@@ -1,8 +1,10 @@
 """`lattn bench`: measured cost of the attention mechanisms, the backbones, and the papers' memory claims.
 
     lattn bench attention [--quick]     # every mechanism vs fused/materialised softmax, over N
+    lattn bench crossover --from FILE   # from which N each mechanism beats fused softmax (saved results)
     lattn bench backbone  [--quick]     # images/s, peak memory, params, GMACs per backbone x attention
     lattn bench claims    [--quick]     # the papers' memory claims as ratios measured here
+    lattn bench export    [--quick]     # exported ONNX models in onnxruntime against eager PyTorch
 
 Each writes a Markdown table, JSON and CSV (and, for attention, log-log PNG plots) to its ``--output``
 folder. See BENCHMARKS.md for results and how they are measured (:mod:`lattn_app.bench.measure`).
@@ -15,8 +17,10 @@ from collections.abc import Sequence
 
 SUBCOMMANDS = {
     "attention": "every attention mechanism against fused and materialised softmax attention, over N",
+    "crossover": "from which N each mechanism is faster / leaner than fused softmax, from a saved attention JSON",
     "backbone": "images/s, peak memory, parameters and GMACs of backbones with each attention",
     "claims": "the papers' memory claims, as ratios measured on this machine",
+    "export": "latency of the quickstart networks exported to ONNX (onnxruntime) against eager PyTorch",
 }
 
 
@@ -35,8 +39,12 @@ def bench_command(argv: Sequence[str]) -> None:
         return
     if argv[0] == "attention":
         from .attention import main
+    elif argv[0] == "crossover":
+        from .crossover import main
     elif argv[0] == "backbone":
         from .backbone import main
+    elif argv[0] == "export":
+        from .export_latency import main
     else:
         from .claims import main
     main(argv[1:])

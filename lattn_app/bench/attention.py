@@ -18,6 +18,7 @@ from typing import Any
 from . import report
 from .cases import select_cases
 from .command_line import Machine, add_machine_options, benchmark_parser, set_up_machine
+from .crossover import crossovers, format_crossover
 from .measure import DTYPES
 from .settings import MODES, AttentionBenchSettings
 from .sweep import run_attention_benchmark
@@ -80,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-json", metavar="FILE", default=None,
-                        help="measure nothing: evaluate the targets on the results of an earlier run's "
-                        "attention.json and write its table, targets and plots again (to --output, or "
-                        "next to FILE when --output is not given)")
+                        help="measure nothing: evaluate the targets and the crossover with fused softmax "
+                        "on the results of an earlier run's attention.json and write its table, targets "
+                        "and plots again (to --output, or next to FILE when --output is not given); "
+                        "`lattn bench crossover --from FILE` only prints the crossover")
     return parser
 
 
@@ -121,11 +123,14 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     document = run_attention_benchmark(settings)
     # Not command_line.results_document: saved runs have the sweep's key order, command and seconds last.
     document["settings"]["malloc"] = machine.malloc
+    document["crossover"] = crossovers(document["results"])
     document["command"] = " ".join(["lattn", "bench", "attention", *argv])
     document["seconds"] = round(time.perf_counter() - started, 1)
     print(report.results_table(document["results"], TABLE_COLUMNS))
     print()
     print(report.format_targets(document["targets"]))
+    print()
+    print(format_crossover(document["crossover"]))
     written = report.write_outputs(document, Path(options.output or "bench_results/attention"), "attention",
                                    TABLE_COLUMNS, plots=not options.no_plots)
     print("\n" + report.written_line(document, written))
@@ -133,12 +138,16 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def report_from_json(path: Path, output: Path | None, plots: bool = True) -> dict[str, Any]:
-    """`--from-json`: the targets evaluated again on a saved run's results; its outputs written again."""
+    """`--from-json`: the targets and the crossover evaluated again on a saved run's results; its outputs
+    written again."""
     document = json.loads(path.read_text())
     if document.get("benchmark") != "attention":
         raise ValueError(f"{path} is not the JSON of `lattn bench attention`")
     document["targets"] = evaluate_targets(document["results"])
+    document["crossover"] = crossovers(document["results"])
     print(report.format_targets(document["targets"]))
+    print()
+    print(format_crossover(document["crossover"]))
     written = report.write_outputs(document, output or path.parent, "attention", TABLE_COLUMNS, plots=plots)
     print("\nwritten: " + ", ".join(str(p) for p in written))
     return document

@@ -164,6 +164,11 @@ def markdown_report(document: dict[str, Any], columns: Sequence[Column]) -> str:
         parts += ["", table]
     if notes:
         parts += ["", "Notes:", *notes]
+    if document.get("crossover"):
+        # Imported here: crossover imports this module.
+        from .crossover import format_crossover
+
+        parts += ["", "## Crossover with fused softmax", "", format_crossover(document["crossover"], markdown=True)]
     if document.get("targets"):
         parts += ["", "## Targets", "", format_targets(document["targets"], markdown=True)]
     return "\n".join(parts) + "\n"
