@@ -122,10 +122,11 @@ def test_stereo_quickstart_exports_disparity_from_a_pair(tmp_path, fmt):
     path = run_export(tmp_path, "sceneflow_efficient.yaml", task, fmt, (64, 128))
     run = runner(path, fmt)
     with torch.no_grad():
-        for batch, height, width in ((1, 64, 128), (1, 96, 160)):  # one pair per call (docs/export.md)
+        for batch, height, width in ((2, 64, 128), (1, 96, 160)):  # batch and size both vary
             left, right = images(batch, height, width, 1), images(batch, height, width, 2)
             assert relative_error(run(left, right)[0], task(left, right)) <= PARITY
-    assert metadata_of(path, fmt)["max_disparity"] == 48
+    metadata = metadata_of(path, fmt)
+    assert metadata["max_disparity"] == 48 and metadata["dynamic_axes"] == ["batch", "height", "width"]
 
 
 @pytest.mark.slow

@@ -145,11 +145,6 @@ class StereoExport(ExportWrapper):
 
     input_names = ("left", "right")
     output_names = ("disparity",)
-    # StereoNet.features splits the features of both views with Tensor.chunk(2), whose chunk count
-    # torch.export cannot prove to be 2 for every batch size (it would fix the batch at the traced one).
-    dynamic_batch = False
-    fixed_batch_reason = ("one pair per call: the network splits the two views' features with Tensor.chunk(2), "
-                          "which torch.export cannot trace for a variable batch")
 
     def forward(self, left: Tensor, right: Tensor) -> Tensor:
         return self.task(left, right)

@@ -286,7 +286,8 @@ class StereoNet(nn.Module):
         size = (left.shape[-2] // 4, left.shape[-1] // 4)
         levels = self.backbone.forward_pyramid(torch.cat([left, right]))
         fused = self.fusion(levels, size)
-        left_features, right_features = fused.chunk(2)
+        # Slices, not fused.chunk(2): torch.export keeps the batch size symbolic through a slice.
+        left_features, right_features = fused[: left.shape[0]], fused[left.shape[0]:]
         if self.attention is not None:
             left_features, right_features = self.attention(left_features, right_features)
         return left_features, right_features
