@@ -20,7 +20,9 @@ or attention mechanism, or weights of other shapes) raises a ValueError that say
 
 from __future__ import annotations
 
+import logging
 import math
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +65,8 @@ def backbone_options_with_attention(backbone: str, backbone_options: dict[str, A
             options[name] = value
     return options
 
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -114,6 +118,10 @@ class LattnTask(LightningModule):
         momentum: SGD's momentum (``optimizer: sgd`` only).
         lr_milestones: epochs (fractions allowed) at which the learning rate drops tenfold, after the
             warm-up, instead of the cosine decay (e.g. [8, 11] of 12 epochs: Mask R-CNN's 1x schedule).
+        compile: compile the task's network with ``torch.compile`` (in place: parameter names and
+            checkpoints stay the same) for training and evaluation; the first steps then take longer
+            while it compiles. The network is :attr:`compiled_part` (detection: the backbone and FPN,
+            whose shapes torch.compile handles; the detector's heads stay eager).
         layer_decay: layer-wise learning-rate decay over the backbone's blocks (e.g. 0.75); None: off.
         freeze_backbone: train only the heads (the backbone's batch-norm statistics stay frozen too).
         mean: per-channel mean the [0, 1] input images are normalised with.
@@ -138,6 +146,7 @@ class LattnTask(LightningModule):
         optimizer: Literal["adamw", "sgd"] = "adamw",
         momentum: float = 0.9,
         lr_milestones: Sequence[float] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_choice("on_nonfinite_loss", on_nonfinite_loss, ("error", "skip"))
@@ -145,6 +154,7 @@ class LattnTask(LightningModule):
         self.optimizer_name = optimizer
         self.momentum = momentum
         self.lr_milestones = check_milestones(lr_milestones)
+        self.compile_network = compile  # not self.compile: that is nn.Module's method
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1] (e.g. 0.75) or null; got {layer_decay}")
         self.lr = lr
@@ -267,9 +277,18 @@ class LattnTask(LightningModule):
     def on_predict_start(self) -> None:
         self._fill_unset_from_data()
 
+    #: Dotted attribute path of the module ``compile=True`` compiles (each task names its network).
+    compiled_part: str = "backbone"
+
     def setup(self, stage: str) -> None:
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
+        if self.compile_network:
+            network = operator.attrgetter(self.compiled_part)(self)
+            if getattr(network, "_compiled_call_impl", None) is None:  # setup runs once per stage
+                network.compile()
+                log.info("torch.compile: %s (%s) is compiled when it first runs", self.compiled_part,
+                         type(network).__name__)
 
     # --- reporting ----------------------------------------------------------------------------------
     def summary_line(self) -> str | None:

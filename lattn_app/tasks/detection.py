@@ -70,6 +70,8 @@ class GatheredMeanAveragePrecision(MeanAveragePrecision):
 class DetectionTask(LattnTask):
     """Mask R-CNN / Faster R-CNN / RetinaNet / FCOS with a registry backbone (see the module docstring)."""
 
+    compiled_part = "detector.backbone"
+
     def __init__(
         self,
         num_classes: int = 80,

@@ -103,6 +103,8 @@ class SegmentationTask(LattnTask):
         **kwargs: the training options of :class:`~lattn_app.tasks.base.LattnTask` (``lr``, ...).
     """
 
+    compiled_part = "net"
+
     def __init__(
         self,
         num_classes: int = 150,

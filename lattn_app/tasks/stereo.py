@@ -113,6 +113,8 @@ class StereoTask(LattnTask):
             ``lr_milestones``: PSMNet's KITTI recipe drops the rate tenfold at epoch 200 of 300, ...).
     """
 
+    compiled_part = "net"
+
     def __init__(
         self,
         max_disparity: int | None = None,
