@@ -54,7 +54,7 @@ LIGHTNING_COMMANDS = {
 }
 LATTN_COMMANDS = {
     "list": "print every registered attention mechanism and backbone",
-    "bench": "measure speed and memory: `lattn bench attention|crossover|backbone|claims|export` (see BENCHMARKS.md)",
+    "bench": "measure speed and memory: `lattn bench attention|crossover|timm|backbone|claims|export` (see BENCHMARKS.md)",
     "export": "write a checkpoint as an ONNX file or torch.export program (see docs/export.md)",
 }
 COMMANDS = {**LIGHTNING_COMMANDS, **LATTN_COMMANDS}

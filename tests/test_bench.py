@@ -463,3 +463,14 @@ def test_bench_without_a_subcommand_explains_the_choices(capsys):
     with pytest.raises(SystemExit):
         main(["bench"])
     assert "attention" in capsys.readouterr().err
+
+
+def test_timm_parity_loads_timm_weights_into_lattn_s_softmax_vit_and_reports_ratios():
+    from lattn_app.bench import timm_parity
+
+    ours, theirs = timm_parity.twin_models("vit_tiny", 32)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(images), theirs.eval()(images))  # the same network, weight for weight
+    row = timm_parity.measure_point("vit_tiny", 32, 1, "inference", torch.device("cpu"), repeats=1)
+    assert row["max_output_difference"] == 0.0 and row["time_ratio"] > 0 and row["memory_ratio"] > 0

@@ -69,12 +69,20 @@ def at_least_float32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+# With autograd, split q/k/v products pay once the tokens outnumber the channels well: their backward
+# assembles a (3C, C) weight gradient instead of a (B, N, 3C) activation gradient. Near B N = C the three
+# smaller products only cost: a whole ViT-Ti training step at batch 1 (N = 197, C = 192) took 6% longer
+# split than fused (and than timm's ViT) on the 2-core CPU; at B N = 4 C and above both took the same
+# time (`lattn bench timm`, BENCHMARKS.md).
+SPLIT_PROJECTION_TOKENS_PER_CHANNEL = 4
+
+
 def fused_projection_pays(x: Tensor, weight: Tensor) -> bool:
     """Whether one product with a fused (q, k, v) weight beats separate products for tokens x (B, N, C):
-    always without autograd (one larger matrix product, no extra memory); with autograd only while the
-    fused activation gradient (B, N, 3C) is smaller than the split weight gradient (3C, C), i.e. B N <= C."""
+    always without autograd (one larger matrix product, no extra memory); with autograd while B N is
+    below SPLIT_PROJECTION_TOKENS_PER_CHANNEL x C (see there)."""
     tracked = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return not tracked or x.shape[0] * x.shape[1] <= x.shape[-1]
+    return not tracked or x.shape[0] * x.shape[1] < SPLIT_PROJECTION_TOKENS_PER_CHANNEL * x.shape[-1]
 
 
 class TokenMixer(nn.Module):
@@ -179,7 +187,7 @@ class QKVAttention(TokenMixer):
         The fused qkv weight is split once into its q, k and v row blocks and applied as three products:
         the same result as one product split in three, but the backward pass then assembles the (3C, C)
         weight gradient instead of a (B, N, 3C) activation gradient (less memory in training, and
-        faster; see BENCHMARKS.md). That pays off once there are more tokens than channels; for fewer
+        faster; see BENCHMARKS.md). That pays off once there are several times more tokens than channels; for fewer
         tokens, and without autograd, one product of the fused weight, split into views, is cheaper.
         """
         if context is None and fused_projection_pays(x, self.qkv.weight):

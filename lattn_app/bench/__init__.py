@@ -2,6 +2,7 @@
 
     lattn bench attention [--quick]     # every mechanism vs fused/materialised softmax, over N
     lattn bench crossover --from FILE   # from which N each mechanism beats fused softmax (saved results)
+    lattn bench timm      [--quick]     # lattn's softmax ViT against timm's, same weights (time, memory)
     lattn bench backbone  [--quick]     # images/s, peak memory, params, GMACs per backbone x attention
     lattn bench claims    [--quick]     # the papers' memory claims as ratios measured here
     lattn bench export    [--quick]     # exported ONNX models in onnxruntime against eager PyTorch
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 SUBCOMMANDS = {
     "attention": "every attention mechanism against fused and materialised softmax attention, over N",
     "crossover": "from which N each mechanism is faster / leaner than fused softmax, from a saved attention JSON",
+    "timm": "lattn's softmax ViT-Ti/S against timm's with the same weights, side by side",
     "backbone": "images/s, peak memory, parameters and GMACs of backbones with each attention",
     "claims": "the papers' memory claims, as ratios measured on this machine",
     "export": "latency of the quickstart networks exported to ONNX (onnxruntime) against eager PyTorch",
@@ -41,6 +43,8 @@ def bench_command(argv: Sequence[str]) -> None:
         from .attention import main
     elif argv[0] == "crossover":
         from .crossover import main
+    elif argv[0] == "timm":
+        from .timm_parity import main
     elif argv[0] == "backbone":
         from .backbone import main
     elif argv[0] == "export":
