@@ -11,7 +11,6 @@ import operator
 from pathlib import Path
 
 import pytest
-import torch
 
 from lattn_app.cli import main
 from lattn_app.tasks import ClassificationTask, DetectionTask, SegmentationTask, StereoTask
