@@ -23,7 +23,7 @@ import io
 import json
 import logging
 import os
-import tempfile
+import secrets
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -311,7 +311,9 @@ def first_line(error: BaseException) -> str:
 def write_atomically(path: Path, content: bytes, overwrite: bool) -> None:
     """Write `content` to `path` through a temporary file in its folder (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # Not tempfile.mkstemp: its files are private (0600); the exported file gets the user's usual permissions.
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(content)
