@@ -44,7 +44,6 @@ from .measure import run_capped, tensor_bytes
 FULL_SETTINGS = {"couplformer_size": 224, "stereo_crop": (256, 512), "coco_image": (800, 1333), "psmnet_batch": 1}
 # PSMNet's pyramid pooling needs two values per channel: a 128 x 256 crop takes a batch of 2.
 QUICK_SETTINGS = {"couplformer_size": 112, "stereo_crop": (128, 256), "coco_image": (256, 416), "psmnet_batch": 2}
-PSMNET_LOSS_WEIGHTS = (0.5, 0.7, 1.0)  # StereoTask's (PSMNet's) weights of the three outputs
 REGULAR = ("softmax", {"fused": False})  # the papers' "regular Transformer": the N x N map materialised
 XFORMERS = ("performer", "linformer", "nystrom", "fnet", "mixer")
 
@@ -131,6 +130,7 @@ def psmnet_memory(attention: str | None, options: dict[str, Any] | None, crop: t
                   device: torch.device, max_disparity: int = 192) -> int:
     """Training memory of PSMNet (`attention` None) or EA-PSMNet (a mechanism) at a crop."""
     from ..models.psmnet import PSMNet
+    from ..tasks.stereo import PSMNET_LOSS_WEIGHTS
 
     torch.manual_seed(0)
     model = PSMNet(max_disparity, attention, options, img_size=crop).to(device)

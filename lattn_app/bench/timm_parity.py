@@ -21,9 +21,9 @@ from typing import Any
 import timm
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from . import report
+from .backbone import training_step
 from .command_line import add_machine_options, benchmark_parser, results_document, set_up_machine
 from .measure import call_with_peak_memory, time_side_by_side
 
@@ -56,14 +56,7 @@ def step_function(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         return infer
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-
-    def train() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-    return train
+    return lambda: training_step(model, images, labels, optimizer)
 
 
 def measure_point(name: str, size: int, batch: int, pass_: str, device: torch.device, repeats: int) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from .stereo import (
     conv3d_bn,
     deconv3d_bn,
     disparity_regression,
+    pad_pair,
 )
 
 # The parameters of the authors' stackhourglass PSMNet (their paper: 5.22M), counted from the structure
@@ -228,13 +229,8 @@ class PSMNet(nn.Module):
 
     def forward(self, left: Tensor, right: Tensor) -> list[Tensor]:
         """Normalised views (B, 3, H, W) -> disparity maps (B, H, W): three in training, the final one in eval."""
-        if left.shape != right.shape:
-            raise ValueError(f"left {tuple(left.shape)} and right {tuple(right.shape)} views must have the same shape")
         height, width = left.shape[-2:]
-        pad_h, pad_w = -height % self.size_multiple, -width % self.size_multiple
-        if pad_h or pad_w:
-            left = F.pad(left, (0, pad_w, 0, pad_h))
-            right = F.pad(right, (0, pad_w, 0, pad_h))
+        left, right = pad_pair(left, right, self.size_multiple)
         # One pass per view, as the authors: in training each view's batch-norm statistics are its own.
         left_features, right_features = self.feature_extraction(left), self.feature_extraction(right)
         volume = build_cost_volume(left_features, right_features, self.max_disparity // 4, "concat", 1)

@@ -167,6 +167,16 @@ def disparity_regression(cost: Tensor) -> Tensor:
     return (probabilities * disparities.view(1, -1, 1, 1)).sum(dim=1)
 
 
+def pad_pair(left: Tensor, right: Tensor, multiple: int) -> tuple[Tensor, Tensor]:
+    """Both views padded on the bottom and right to a multiple of `multiple` (predictions are cropped back)."""
+    if left.shape != right.shape:
+        raise ValueError(f"left {tuple(left.shape)} and right {tuple(right.shape)} views must have the same shape")
+    pad_h, pad_w = -left.shape[-2] % multiple, -left.shape[-1] % multiple
+    if pad_h or pad_w:
+        left, right = F.pad(left, (0, pad_w, 0, pad_h)), F.pad(right, (0, pad_w, 0, pad_h))
+    return left, right
+
+
 def check_max_disparity(max_disparity: Any) -> int:
     """`max_disparity` if it is a positive multiple of 16, else a ValueError saying why it must be."""
     if isinstance(max_disparity, bool) or not isinstance(max_disparity, int) or max_disparity < 16 or max_disparity % 16:
@@ -297,13 +307,8 @@ class StereoNet(nn.Module):
 
         In eval mode only the final map is upsampled and regressed (the earlier ones are not needed).
         """
-        if left.shape != right.shape:
-            raise ValueError(f"left {tuple(left.shape)} and right {tuple(right.shape)} views must have the same shape")
         height, width = left.shape[-2:]
-        pad_h, pad_w = -height % self.size_multiple, -width % self.size_multiple
-        if pad_h or pad_w:
-            left = F.pad(left, (0, pad_w, 0, pad_h))
-            right = F.pad(right, (0, pad_w, 0, pad_h))
+        left, right = pad_pair(left, right, self.size_multiple)
         left_features, right_features = self.features(left, right)
         volume = build_cost_volume(left_features, right_features, self.max_disparity // 4, self.cost_volume,
                                    self.groups)
