@@ -41,11 +41,13 @@ __all__ = ["AtomicCheckpointIO", "LattnCheckpoint", "LattnEMA", "write_atomicall
 PARTIAL_SUFFIX = ".partial"  # a checkpoint being written: ".<name>.<random>.partial" next to it
 
 
-def write_atomically(path: str | os.PathLike, write: Any) -> None:
+def write_atomically(path: str | os.PathLike, write: Any, overwrite: bool = True) -> None:
     """Write a file so that it is either the old file or the complete new one, even after a kill or a crash.
 
     `write(file)` writes the content to a binary file object: a temporary file in the same folder, which
-    is flushed to disk and then renamed over `path` (an atomic step on POSIX and Windows).
+    is flushed to disk and then renamed over `path` (an atomic step on POSIX and Windows). With
+    ``overwrite=False`` it is linked to `path` instead, which fails (FileExistsError) if `path` exists,
+    even one that appeared while writing: an existing file is never replaced unasked.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,11 @@ def write_atomically(path: str | os.PathLike, write: Any) -> None:
             write(file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(partial, path)
+        if overwrite:
+            os.replace(partial, path)
+        else:
+            os.link(partial, path)
+            partial.unlink()
     except BaseException as error:
         partial.unlink(missing_ok=True)
         cause = _os_error_in(error)

@@ -22,8 +22,6 @@ import importlib
 import io
 import json
 import logging
-import os
-import secrets
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -32,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..callbacks import write_atomically
 from ..cli import LINKED_DATA_ATTRIBUTES, LattnCLI, weights_come_from_checkpoint
 from ..tasks import LattnTask
 from ..tasks.record import checkpoint_mismatch, describe, read_checkpoint_header, task_name
@@ -308,25 +307,6 @@ def first_line(error: BaseException) -> str:
 
 
 # --- the command -----------------------------------------------------------------------------------
-def write_atomically(path: Path, content: bytes, overwrite: bool) -> None:
-    """Write `content` to `path` through a temporary file in its folder (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its files are private (0600); the exported file gets the user's usual permissions.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(content)
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)  # fails if the file appeared meanwhile: never replaced unasked
-            os.unlink(temporary)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def export_command(argv: Sequence[str]) -> Path:
     """`lattn export ...`: check the options, build the model, export, check, write. Returns the output path."""
     words = list(argv)
@@ -358,7 +338,7 @@ def export_command(argv: Sequence[str]) -> Path:
     task = build_task(config, ckpt_path)
     content, metadata, errors = export_model(task, fmt, tuple(size) if size else None, bool(config.get("dynamic_size")),
                                              part=config.get("part"))
-    write_atomically(output, content, bool(config.get("overwrite")))
+    write_atomically(output, lambda file: file.write(content), overwrite=bool(config.get("overwrite")))
     fixed = metadata["fixed_size"]
     print(f"Exported {metadata['task']} ({', '.join(f'{k}: {v:.1e}' for k, v in errors.items())} relative error "
           f"against the eager model) to {output} ({len(content) / 1e6:.1f} MB); dynamic axes: "
