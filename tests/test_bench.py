@@ -9,6 +9,7 @@ import math
 import resource
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from lattn_app.bench.attention import parse_grid
 from lattn_app.bench.targets import evaluate_targets, growth_exponent, memory_floor_bytes
 from lattn_app.bench.reference import ReferenceEfficientAttention
 from lattn_app.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 SWEEP_CASES = ["softmax", "softmax-materialised", "efficient", "efficient-scaling", "performer", "fnet",
                "op:softmax-fused", "op:efficient", "op:efficient-scaling", "reference:efficient"]
@@ -474,3 +477,21 @@ def test_timm_parity_loads_timm_weights_into_lattn_s_softmax_vit_and_reports_rat
         assert torch.equal(ours.eval()(images), theirs.eval()(images))  # the same network, weight for weight
     row = timm_parity.measure_point("vit_tiny", 32, 1, "inference", torch.device("cpu"), repeats=1)
     assert row["max_output_difference"] == 0.0 and row["time_ratio"] > 0 and row["memory_ratio"] > 0
+
+
+def test_stereo_bench_builds_the_main_job_network_and_times_both_upsamplings(tmp_path):
+    import yaml
+
+    from lattn_app.bench import stereo_step
+
+    model = yaml.safe_load((REPO / "configs/sceneflow_efficient.yaml").read_text())["model"]["init_args"]
+    net = dict(model["net"])
+    assert net.pop("upsampling") == "convex"  # the config's; the benchmark sets it both ways
+    assert {**net, "img_size": tuple(net["img_size"])} == stereo_step.MAIN_JOB["options"]
+    assert (model["backbone"], model["backbone_options"], model["attention"]) == (
+        stereo_step.MAIN_JOB["backbone"], stereo_step.MAIN_JOB["backbone_options"], stereo_step.MAIN_JOB["attention"])
+    document = stereo_step.main(["--quick", "--repeats", "1", "--output", str(tmp_path)])
+    (row,) = document["results"]
+    assert row["trilinear_seconds"] > 0 and row["convex_seconds"] > 0
+    assert 0 < row["backbone_share"] < row["features_share"]
+    assert (tmp_path / "stereo.md").is_file() and (tmp_path / "stereo.json").is_file()

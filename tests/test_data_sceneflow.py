@@ -93,7 +93,7 @@ def test_synthetic_generation_is_deterministic_and_cached(tmp_path, monkeypatch)
     parameters = {**TINY, "train_sequences": 2, "test_sequences": 1, "frames_per_sequence": 2}
     first = ensure_synthetic_sceneflow(tmp_path / "one", **parameters)
     second = ensure_synthetic_sceneflow(tmp_path / "two", **parameters)
-    assert first.name == second.name and "v1" in first.name
+    assert first.name == second.name and synthetic_stereo.SYNTHETIC_VERSION in first.name
     assert files_of(first) == files_of(second)  # byte-identical
     assert [p.name for p in (tmp_path / "one").iterdir()] == [first.name]  # no temporary folder left
 

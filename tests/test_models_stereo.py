@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lattn_app.models.stereo import StereoNet, StereoNetOptions, build_cost_volume, disparity_regression
+from lattn_app.models.stereo import (
+    ConvexUpsampler,
+    StereoNet,
+    StereoNetOptions,
+    build_cost_volume,
+    disparity_regression,
+)
 
 # A small ViT with patch 4 gives the stride-4 features without waiting for a pyramid backbone.
 TINY_BACKBONE = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2, class_token=False, global_pool="avg",
@@ -47,6 +53,38 @@ def test_soft_argmin_returns_the_disparity_of_a_peaked_distribution():
     assert torch.all(disparity_regression(cost) == 5)
     flat = torch.zeros(1, 8, 1, 1)  # uniform over 0..7 -> 3.5
     assert disparity_regression(flat).item() == pytest.approx(3.5)
+
+
+def test_convex_upsampling_combines_the_3x3_coarse_neighbours():
+    upsampler = ConvexUpsampler(channels=8, factor=4)
+    coarse = torch.rand(2, 5, 7) * 10
+    features = torch.randn(2, 8, 5, 7)
+    mask = upsampler.mask(features)
+    assert mask.shape == (2, 9, 4, 4, 5, 7)
+    torch.testing.assert_close(mask.sum(dim=1), torch.ones(2, 4, 4, 5, 7))
+    fine = upsampler(coarse, mask)
+    assert fine.shape == (2, 20, 28)
+    # Fine pixel (4 i + a, 4 j + b) = 4 * sum_k mask[k, a, b, i, j] * coarse[(i, j) + offset_k] (zero outside).
+    padded = torch.nn.functional.pad(coarse, (1, 1, 1, 1))
+    i, j, a, b = 3, 2, 1, 3
+    neighbours = padded[:, i:i + 3, j:j + 3].reshape(2, 9)
+    torch.testing.assert_close(fine[:, 4 * i + a, 4 * j + b], 4 * (mask[:, :, a, b, i, j] * neighbours).sum(dim=1))
+    # Interior pixels of a constant map stay constant (times the factor): a convex combination.
+    flat = upsampler(torch.full((1, 5, 7), 3.0), mask[:1])
+    torch.testing.assert_close(flat[:, 4:-4, 4:-4], torch.full((1, 12, 20), 12.0))
+
+
+def test_convex_upsampling_network_trains_and_predicts_at_any_size():
+    net = tiny_net(upsampling="convex")
+    left, right = torch.rand(2, 3, 32, 64), torch.rand(2, 3, 32, 64)
+    outputs = net(left, right)
+    assert [tuple(o.shape) for o in outputs] == [(2, 32, 64)] * 2
+    sum(o.mean() for o in outputs).backward()
+    assert net.upsampler.weights[0].weight.grad.abs().sum() > 0
+    net.eval()
+    with torch.no_grad():
+        (final,) = net(torch.rand(1, 3, 37, 75), torch.rand(1, 3, 37, 75))
+    assert final.shape == (1, 37, 75) and 0 <= final.min() and final.max() <= 32
 
 
 def test_training_gives_one_map_per_hourglass_and_eval_the_final_one_at_any_size():
@@ -99,5 +137,7 @@ def test_bad_settings_are_clear_errors():
         tiny_net(attention="fnet")
     with pytest.raises(ValueError, match="cost_volume"):
         tiny_net(cost_volume="dot")
+    with pytest.raises(ValueError, match="upsampling"):
+        tiny_net(upsampling="bicubic")
     with pytest.raises(ValueError, match="same shape"):
         tiny_net()(torch.rand(1, 3, 32, 64), torch.rand(1, 3, 32, 48))

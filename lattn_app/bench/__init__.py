@@ -6,6 +6,7 @@
     lattn bench backbone  [--quick]     # images/s, peak memory, params, GMACs per backbone x attention
     lattn bench claims    [--quick]     # the papers' memory claims as ratios measured here
     lattn bench export    [--quick]     # exported ONNX models in onnxruntime against eager PyTorch
+    lattn bench stereo    [--quick]     # the main job's training step: trilinear vs convex upsampling
 
 Each writes a Markdown table, JSON and CSV (and, for attention, log-log PNG plots) to its ``--output``
 folder. See BENCHMARKS.md for results and how they are measured (:mod:`lattn_app.bench.measure`).
@@ -23,6 +24,7 @@ SUBCOMMANDS = {
     "backbone": "images/s, peak memory, parameters and GMACs of backbones with each attention",
     "claims": "the papers' memory claims, as ratios measured on this machine",
     "export": "latency of the quickstart networks exported to ONNX (onnxruntime) against eager PyTorch",
+    "stereo": "the main job's training step with trilinear against convex upsampling, side by side",
 }
 
 
@@ -49,6 +51,8 @@ def bench_command(argv: Sequence[str]) -> None:
         from .backbone import main
     elif argv[0] == "export":
         from .export_latency import main
+    elif argv[0] == "stereo":
+        from .stereo_step import main
     else:
         from .claims import main
     main(argv[1:])

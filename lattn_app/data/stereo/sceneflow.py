@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PUBLISHED_FRAME_COUNTS", "SYNTHETIC_MAX_DISPARITY", "SceneFlowDataModule"]
 
-SYNTHETIC_MAX_DISPARITY = 48  # the embedded set's disparities lie in [2, 44]
+SYNTHETIC_MAX_DISPARITY = 48  # the embedded set's disparities lie in [1, 44]
 SUBSET_FOLDERS = {"flyingthings3d": "FlyingThings3D", "monkaa": "Monkaa", "driving": "Driving"}
 UNUSED_FILES = "all_unused_files.txt"
 # Frames per pass of the distributed Scene Flow data, as used by PSMNet, GwcNet and most stereo papers
@@ -131,7 +131,7 @@ class SceneFlowDataModule(StereoDataModule):
 
     @property
     def disparity_range(self) -> int | None:
-        """48 on the embedded set (its disparities lie in [2, 44]); None on Scene Flow (no stated bound)."""
+        """48 on the embedded set (its disparities lie in [1, 44]); None on Scene Flow (no stated bound)."""
         return SYNTHETIC_MAX_DISPARITY if self.is_embedded else None
 
     # ------------------------------------------------------------------------------ finding files
