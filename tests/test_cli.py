@@ -118,7 +118,7 @@ def test_a_config_extends_its_base_and_names_the_run_after_itself(tmp_path, monk
     cli = LattnCLI(args=["--config", str(configs / "sceneflow_softmax.yaml")], run=False)
     config = cli.config
     assert config.model.init_args.attention == "softmax"  # the overlay's value ...
-    assert config.model.init_args.net.feature_dim == 32 and config.trainer.max_epochs == 12  # ... over the base's
+    assert config.model.init_args.net.feature_dim == 32 and config.trainer.max_epochs == 16  # ... over the base's
     assert [Path(str(path)).name for path in config.config] == ["sceneflow_efficient.yaml", "sceneflow_softmax.yaml"]
     assert config.extends is None  # the saved config is whole
     assert cli.trainer.logger.name == "sceneflow_softmax"

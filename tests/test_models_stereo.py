@@ -7,6 +7,7 @@ import torch
 
 from lattn_app.models.stereo import (
     ConvexUpsampler,
+    LocalRefinement,
     StereoNet,
     StereoNetOptions,
     build_cost_volume,
@@ -74,17 +75,32 @@ def test_convex_upsampling_combines_the_3x3_coarse_neighbours():
     torch.testing.assert_close(flat[:, 4:-4, 4:-4], torch.full((1, 12, 20), 12.0))
 
 
-def test_convex_upsampling_network_trains_and_predicts_at_any_size():
-    net = tiny_net(upsampling="convex")
+@pytest.mark.parametrize("refinement", [False, True])
+def test_convex_upsampling_network_trains_and_predicts_at_any_size(refinement):
+    net = tiny_net(upsampling="convex", refinement=refinement)
     left, right = torch.rand(2, 3, 32, 64), torch.rand(2, 3, 32, 64)
     outputs = net(left, right)
     assert [tuple(o.shape) for o in outputs] == [(2, 32, 64)] * 2
     sum(o.mean() for o in outputs).backward()
     assert net.upsampler.weights[0].weight.grad.abs().sum() > 0
+    if refinement:
+        assert net.refinement.head[-1].weight.grad.abs().sum() > 0
     net.eval()
     with torch.no_grad():
         (final,) = net(torch.rand(1, 3, 37, 75), torch.rand(1, 3, 37, 75))
     assert final.shape == (1, 37, 75) and 0 <= final.min() and final.max() <= 32
+
+
+def test_local_refinement_starts_as_the_identity_and_keeps_the_coarse_gradient():
+    torch.manual_seed(0)
+    refinement = LocalRefinement(channels=8, radius=2)
+    left = torch.rand(1, 3, 16, 40)
+    right = torch.roll(left, shifts=-3, dims=-1)  # right(x) = left(x + 3): the true disparity is 3 everywhere
+    coarse = torch.full((1, 16, 40), 2.0, requires_grad=True)
+    refined = refinement(left, right, coarse)
+    torch.testing.assert_close(refined, coarse)  # zero-initialised last layer: no change before training
+    refined.sum().backward()
+    assert torch.all(coarse.grad == 1)  # the coarse map keeps its gradient through the sum
 
 
 def test_training_gives_one_map_per_hourglass_and_eval_the_final_one_at_any_size():

@@ -6,7 +6,7 @@
     lattn bench backbone  [--quick]     # images/s, peak memory, params, GMACs per backbone x attention
     lattn bench claims    [--quick]     # the papers' memory claims as ratios measured here
     lattn bench export    [--quick]     # exported ONNX models in onnxruntime against eager PyTorch
-    lattn bench stereo    [--quick]     # the main job's training step: trilinear vs convex upsampling
+    lattn bench stereo    [--quick]     # the main job's training step against the previous main job's
 
 Each writes a Markdown table, JSON and CSV (and, for attention, log-log PNG plots) to its ``--output``
 folder. See BENCHMARKS.md for results and how they are measured (:mod:`lattn_app.bench.measure`).
@@ -24,7 +24,7 @@ SUBCOMMANDS = {
     "backbone": "images/s, peak memory, parameters and GMACs of backbones with each attention",
     "claims": "the papers' memory claims, as ratios measured on this machine",
     "export": "latency of the quickstart networks exported to ONNX (onnxruntime) against eager PyTorch",
-    "stereo": "the main job's training step with trilinear against convex upsampling, side by side",
+    "stereo": "the main job's training step against the previous main job's (trilinear, 3 hourglasses), side by side",
 }
 
 

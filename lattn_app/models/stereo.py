@@ -206,6 +206,51 @@ class ConvexUpsampler(nn.Module):
         return fine.permute(0, 3, 1, 4, 2).reshape(batch, self.factor * height, self.factor * width)
 
 
+class LocalRefinement(nn.Module):
+    """Full-resolution refinement: a residual from a local correlation around the current disparity.
+
+    Both views get small full-resolution features (two 3 x 3 convolutions, shared); the right view's are
+    sampled at x - d - delta for delta in -radius .. radius around the current disparity d, correlated with
+    the left's, and a small dilated convolution head turns the 2 radius + 1 correlations, the left features
+    and d into a correction added to d. The 1/4-resolution volume cannot place a match to the pixel; this
+    local search at full resolution can (the idea of the refinement steps of RAFT-Stereo and CREStereo).
+    The sampling positions and the head's input use d without its gradient; the sum keeps it.
+    """
+
+    def __init__(self, channels: int = 12, radius: int = 2) -> None:
+        super().__init__()
+        self.radius = radius
+        self.features = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(True),
+                                      nn.Conv2d(channels, channels, 3, padding=1))
+        hidden = channels
+        self.head = nn.Sequential(
+            nn.Conv2d(2 * radius + 1 + channels + 1, hidden, 3, padding=1), nn.ReLU(True),
+            nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2), nn.ReLU(True),
+            nn.Conv2d(hidden, hidden, 3, padding=4, dilation=4), nn.ReLU(True),
+            nn.Conv2d(hidden, 1, 3, padding=1),
+        )
+        nn.init.zeros_(self.head[-1].weight)  # starts as the identity: the coarse disparity unchanged
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, left: Tensor, right: Tensor, disparity: Tensor) -> Tensor:
+        batch, _, height, width = left.shape
+        features = self.features(torch.cat([left, right]))
+        left_features, right_features = features[:batch], features[batch:]
+        guide = disparity.detach()
+        xs = torch.arange(width, device=left.device, dtype=left.dtype).view(1, 1, width)
+        ys = torch.arange(height, device=left.device, dtype=left.dtype).view(1, height, 1).expand(batch, height, width)
+        y_grid = 2 * ys / max(height - 1, 1) - 1
+        correlations = []
+        for delta in range(-self.radius, self.radius + 1):
+            x_grid = 2 * (xs - guide - delta) / max(width - 1, 1) - 1
+            grid = torch.stack([x_grid, y_grid], dim=-1)
+            warped = F.grid_sample(right_features, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            correlations.append((left_features * warped).mean(dim=1))
+        inputs = torch.cat([torch.stack(correlations, dim=1), left_features,
+                            guide.unsqueeze(1) / 64], dim=1)  # a fixed scale: max_disparity may change later
+        return disparity + self.head(inputs).squeeze(1)
+
+
 def pad_pair(left: Tensor, right: Tensor, multiple: int) -> tuple[Tensor, Tensor]:
     """Both views padded on the bottom and right to a multiple of `multiple` (predictions are cropped back)."""
     if left.shape != right.shape:
@@ -243,6 +288,8 @@ class StereoNetOptions:
         img_size: training image size; used by fixed-grid mechanisms (linformer, mixer) only.
         upsampling: ``trilinear`` (PSMNet's full-resolution volume) or ``convex`` (soft-argmin at 1/4
             resolution, then learned convex upsampling: faster, see the module docstring).
+        refinement: refine the final map at full resolution from a local correlation around it
+            (:class:`LocalRefinement`); off: PSMNet's outputs as they are.
     """
 
     attention_depth: int = 1
@@ -256,6 +303,7 @@ class StereoNetOptions:
     num_hourglasses: int = 3
     img_size: tuple[int, int] = (256, 512)
     upsampling: Literal["trilinear", "convex"] = "trilinear"
+    refinement: bool = False
 
     @classmethod
     def of(cls, options: StereoNetOptions | Mapping[str, Any] | None) -> StereoNetOptions:
@@ -289,7 +337,7 @@ class StereoNet(nn.Module):
     ) -> None:
         options = StereoNetOptions.of(options)
         (attention_depth, attention_heads, cross_attention, rope, feature_dim, cost_volume, groups, volume_channels,
-         num_hourglasses, img_size, upsampling) = astuple(options)
+         num_hourglasses, img_size, upsampling, refinement) = astuple(options)
         super().__init__()
         check_choice("stereo: cost_volume", cost_volume, COST_VOLUMES)
         check_choice("stereo: upsampling", upsampling, UPSAMPLINGS)
@@ -331,6 +379,7 @@ class StereoNet(nn.Module):
             nn.Sequential(conv3d_bn(c, c), nn.Conv3d(c, 1, 3, 1, 1, bias=False)) for _ in range(num_hourglasses)
         )
         self.upsampler = ConvexUpsampler(feature_dim) if upsampling == "convex" else None
+        self.refinement = LocalRefinement() if refinement else None
         for module in self.modules():
             if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -374,5 +423,7 @@ class StereoNet(nn.Module):
                 fine_bins = F.interpolate(cost, size=(self.max_disparity, *cost.shape[-2:]), mode="trilinear",
                                           align_corners=False)
                 disparity = self.upsampler(disparity_regression(fine_bins.squeeze(1)) / 4, mask)
+            if self.refinement is not None and index == len(self.hourglasses) - 1:
+                disparity = self.refinement(left, right, disparity)
             outputs.append(disparity[:, :height, :width])
         return outputs
