@@ -26,10 +26,9 @@ surfaces at integer disparities with v1 textures and no blur (pixels match exact
 
 Defaults: 128 x 256 images (H x W), disparities in [1, 44] (``max_disparity=48`` in the model; real pairs
 with larger disparities are evaluated at the reduced scale that fits, where their bound is known), 100
-TRAIN and 20 TEST sequences of 2
-frames (0006..0007, numbered as in FlyingThings3D), that is 200 TRAIN and 40 TEST frames (many short
-sequences: more distinct scenes for the same file count); sequence ``i`` of a split is
-``{A,B,C}[i % 3]/{i // 3:04d}``.
+TRAIN and 20 TEST sequences of 2 frames (0006..0007, numbered as in FlyingThings3D), that is 200 TRAIN and
+40 TEST frames (many short sequences: more distinct scenes for the same file count); sequence ``i`` of a
+split is ``{A,B,C}[i % 3]/{i // 3:04d}``.
 
 The cache folder is ``$LATTN_CACHE_DIR`` if set, else ``~/.cache/lattn``; the set lives in a
 sub-folder whose name holds the generator version and parameters. It is written into a temporary
@@ -561,11 +560,10 @@ def generate_synthetic_sceneflow(root: str | Path, **parameters: Any) -> Path:
     and makes the result appear atomically. `parameters`: those of :class:`SyntheticSceneFlow`.
     """
     spec = SyntheticSceneFlow(**parameters)
-    (height, width, train_sequences, test_sequences, frames_per_sequence, min_disparity, max_disparity, subpixel,
-     seed) = astuple(spec)
     root = Path(root)
     jobs = [(root, spec, split_index, sequence)
-            for split_index, count in enumerate((train_sequences, test_sequences)) for sequence in range(count)]
+            for split_index, count in enumerate((spec.train_sequences, spec.test_sequences))
+            for sequence in range(count)]
     # Sequences are independent (each has its own seed), so they render in parallel on every core: the
     # default set takes about 45 s on one core of a 2-core CPU. Forked workers: nothing to import again.
     workers = min(os.cpu_count() or 1, 4) if len(jobs) >= 8 else 1
@@ -575,8 +573,7 @@ def generate_synthetic_sceneflow(root: str | Path, **parameters: Any) -> Path:
     else:
         for job in jobs:
             _write_sequence(job)
-    (root / README_NAME).write_text(_readme(height, width, train_sequences, test_sequences, frames_per_sequence,
-                                            min_disparity, max_disparity, subpixel, seed))
+    (root / README_NAME).write_text(_readme(*astuple(spec)))
     return root
 
 

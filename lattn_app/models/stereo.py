@@ -181,6 +181,10 @@ class ConvexUpsampler(nn.Module):
 
     Each fine pixel is a convex combination (softmax weights) of the 3 x 3 coarse disparities around its
     coarse pixel, multiplied by `factor`; the weights are predicted from the coarse features.
+    torchvision's RAFT does the same combination in a private helper
+    (``torchvision.models.optical_flow._utils.upsample_flow``); lattn keeps its own because that module is
+    not public API and takes the softmax on every call, where :meth:`mask` here is computed once and reused
+    by every hourglass output.
     """
 
     def __init__(self, channels: int, factor: int = 4) -> None:
