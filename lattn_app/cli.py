@@ -127,11 +127,12 @@ def _config_class(class_path: Any) -> type | None:
         return None
 
 
-def check_config_keys(files: Sequence[Path]) -> None:
+def check_config_keys(files: Sequence[Path]) -> dict[str, type | None]:
     """A one-line error for a misspelled ``model``/``data`` option in a config file, naming the file and key.
 
     jsonargparse reports it as a Union-subtypes dump without the file; this checks each file of an
     ``extends`` chain against the class its chain has named so far (unknown classes are left to it).
+    Returns the ``model`` and ``data`` classes the chain names (for :func:`check_command_line_keys`).
     """
     classes: dict[str, type | None] = {}
     for file in files:
@@ -144,20 +145,48 @@ def check_config_keys(files: Sequence[Path]) -> None:
                 continue
             if "class_path" in section:
                 classes[group] = _config_class(section["class_path"])
-            cls, init_args = classes.get(group), section.get("init_args")
-            accepted = builder_options(cls) if cls is not None else None
-            if accepted is None or not isinstance(init_args, dict):
-                continue
-            for key in init_args:
-                if key not in accepted:
-                    close = difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.6)
-                    hint = f"; did you mean {close[0]!r}?" if close else f"; its options: {', '.join(accepted)}"
-                    raise ValueError(f"{file}: {group}.init_args.{key} is not an option of {cls.__name__}{hint}")
+            init_args = section.get("init_args")
+            if isinstance(init_args, dict):
+                for key in init_args:
+                    _check_option(classes.get(group), key, f"{file}: {group}.init_args.{key}")
+    return classes
+
+
+# Words after --model. / --data. that are jsonargparse's own, not options of the class.
+PARSER_KEYS = {"class_path", "init_args", "dict_kwargs", "help"}
+
+
+def check_command_line_keys(words: Sequence[str], classes: dict[str, type | None]) -> None:
+    """A one-line error for a misspelled ``--model.X`` / ``--data.X`` option on the command line.
+
+    `classes` are those the configs name; a ``--model NAME`` / ``--data NAME`` word overrides them.
+    """
+    classes = dict(classes)
+    for index, word in enumerate(words):
+        option, has_value, inline_value = word.partition("=")
+        group, _, rest = option.removeprefix("--").partition(".")
+        if not word.startswith("--") or group not in ("model", "data"):
+            continue
+        value = inline_value if has_value else words[index + 1] if index + 1 < len(words) else None
+        key = rest.removeprefix("init_args.").split(".")[0]
+        if key in ("", "class_path"):  # --model NAME or --model.class_path NAME: the class itself
+            classes[group] = _config_class(value)
+        elif key not in PARSER_KEYS:
+            _check_option(classes.get(group), key, option)
+
+
+def _check_option(cls: type | None, key: str, where: str) -> None:
+    accepted = builder_options(cls) if cls is not None else None
+    if accepted is None or key in accepted:
+        return  # an unknown class, or one taking **kwargs: left to the parser
+    close = difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; its options: {', '.join(accepted)}"
+    raise ValueError(f"{where} is not an option of {cls.__name__}{hint}")
 
 
 def with_extended_configs(args: Sequence[str]) -> list[str]:
     """The command's words with every ``--config FILE`` preceded by the configs FILE extends."""
-    words, expanded, index = list(args), [], 0
+    words, expanded, index, classes = list(args), [], 0, {}
     while index < len(words):
         word = words[index]
         if word == "--config" and index + 1 < len(words):
@@ -170,9 +199,10 @@ def with_extended_configs(args: Sequence[str]) -> list[str]:
             continue
         chain = config_chain(Path(path))
         if all(file.is_file() for file in chain):
-            check_config_keys(chain)
+            classes.update(check_config_keys(chain))
         for file in chain:
             expanded += ["--config", str(file)]
+    check_command_line_keys(words, classes)
     return expanded
 
 
@@ -326,6 +356,7 @@ class LattnCLI(LightningCLI):
                             help="In a config file: the config it builds on (a path relative to it), read first.")
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit: let a new run replace the checkpoints an earlier run left in its folder; "
+                                 "predict: replace the prediction files an earlier run wrote; "
                                  "export: replace an existing --output file.")
         parser.add_argument("--untrained", type=bool, default=False,
                             help="validate/test/predict: run the untrained model (no --ckpt_path) on purpose.")
@@ -375,11 +406,12 @@ def integer_batch_limits(words: Sequence[str], config) -> dict[str, int]:
 def name_run_folders(config) -> None:
     """Name the logger's and callbacks' folders after the last config file, where the config leaves them unset.
 
-    ``--overwrite true`` is passed on to the checkpoint callbacks here too.
+    ``--overwrite true`` is passed on to the checkpoint callbacks and lattn's prediction writers here too.
     """
     if config.get("overwrite"):
         for callback in config.get("trainer.callbacks") or []:
-            if _is_class(callback, "LattnCheckpoint"):
+            if _is_class(callback, "LattnCheckpoint") or (_is_class(callback, "PredictionWriter")
+                                                           and callback.class_path.startswith("lattn_app.")):
                 callback.init_args["overwrite"] = True
     files = config.get("config") or []
     if not files:

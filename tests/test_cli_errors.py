@@ -80,6 +80,32 @@ def test_a_misspelled_key_in_a_config_file_is_one_line_naming_the_file(tmp_path,
     assert "usage:" not in err
 
 
+@pytest.mark.parametrize(("words", "message"), [
+    (["--data.batchsize", "2"],
+     "--data.batchsize is not an option of ImageFolderDataModule; did you mean 'batch_size'?"),
+    (["--model.init_args.lrr=0.1"], "--model.init_args.lrr is not an option of ClassificationTask; did you mean 'lr'?"),
+    (["--data", "ImageFolderDataModule", "--data.init_args.num_worker", "0"],
+     "--data.init_args.num_worker is not an option of ImageFolderDataModule; did you mean 'num_workers'?"),
+])
+def test_a_misspelled_key_on_the_command_line_is_one_line(words, message, monkeypatch, capsys):
+    monkeypatch.delenv("LATTN_DEBUG", raising=False)
+    code, err = lattn(monkeypatch, capsys, "fit", "--config", QUICKSTART, *words)
+    assert code == 1
+    assert [line for line in err.splitlines() if line.startswith("lattn: error:")] == [f"lattn: error: {message}"]
+    assert "usage:" not in err
+
+
+def test_correct_command_line_keys_pass_the_check():
+    from lattn_app.cli import check_command_line_keys
+    from lattn_app.data import SceneFlowDataModule
+    from lattn_app.tasks import StereoTask
+
+    classes = {"model": StereoTask, "data": SceneFlowDataModule}
+    check_command_line_keys(["fit", "--model.net.num_hourglasses", "1", "--model.help", "StereoTask",
+                             "--data.init_args.crop_size=whole", "--model.class_path", "StereoTask",
+                             "--trainer.max_epochs", "1"], classes)
+
+
 def test_unwritable_cache_folder_names_the_folder_and_the_variable(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

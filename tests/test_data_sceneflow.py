@@ -493,3 +493,21 @@ def test_datamodule_arguments_parse_like_the_cli():
     assert config.data.root is None and "max_disparity" not in config.data  # the model's, not the data's
     data = parser.instantiate(config).data
     assert isinstance(data, SceneFlowDataModule) and data.train_transform.crop_size == (64, 128)
+
+
+def test_an_unset_crop_size_is_whole_images_on_the_embedded_set_and_256x512_on_real_data(tiny_root, caplog):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(SceneFlowDataModule, "data")
+    assert parser.get_defaults().data.crop_size is None  # what --print_config shows: nothing it does not do
+    assert parser.parse_args(["--data.crop_size=whole"]).data.crop_size == "whole"
+    embedded = SceneFlowDataModule(root=None)
+    real = SceneFlowDataModule(root=str(tiny_root), subsets=["flyingthings3d"])
+    assert embedded.train_transform.crop_size is None and real.train_transform.crop_size == (256, 512)
+    assert SceneFlowDataModule(root=str(tiny_root), crop_size="whole").train_transform.crop_size is None
+    with caplog.at_level(logging.INFO, logger="lattn_app.data.stereo.datamodule"):
+        real.setup("fit")
+    assert "training: 256 x 512 crops (crop_size unset: real data)" in caplog.text
+    with pytest.raises(ValueError, match="crop_size must be \\(height, width\\), 'whole' or None; got 'full'"):
+        SceneFlowDataModule(root=None, crop_size="full")

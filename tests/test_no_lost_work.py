@@ -4,15 +4,19 @@
 - a new `fit` into a folder holding an earlier run's checkpoints: refused unless resuming or `--overwrite true`;
 - an unwritable checkpoint folder: refused before training, not at the first write;
 - `fit --ckpt_path last` with no `last.ckpt`: refused, naming the folder searched (Lightning would train
-  from scratch).
+  from scratch);
+- `predict` into a folder holding an earlier run's predictions: refused unless `--overwrite true`; two
+  inputs of one run that map to the same output file: refused, naming both.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lattn_app.cli import main
 from lattn_app.data.synthetic_stereo import ensure_synthetic_sceneflow
@@ -100,3 +104,28 @@ def test_a_bad_checkpoint_file_is_named_with_what_is_wrong(tiny_root, tmp_path, 
             main(["test", *args(tiny_root), "--ckpt_path", str(path)])
         with pytest.raises(ValueError, match=rf"{path}: {problem}"):
             StereoTask.load_from_checkpoint(path)
+
+
+def test_predict_never_replaces_an_earlier_runs_predictions_unasked(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pairs = tmp_path / "pairs"
+    rng = np.random.default_rng(0)
+    for side in ("left", "right"):
+        (pairs / side).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)).save(pairs / side / "view.png")
+    predict = ["predict", *args(tiny_root), "--untrained", "true", "--data.predict_pairs", str(pairs)]
+    main(predict)
+    written = tmp_path / "predictions/sceneflow_efficient/left/view.pfm"
+    first = written.read_bytes()
+    written.write_bytes(b"the user's earlier result")  # what a second run must not replace
+    with pytest.raises(FileExistsError, match=r"predictions/sceneflow_efficient/left/view.pfm exists "
+                                              r"\(an earlier lattn predict wrote it\).*--overwrite true"):
+        main(predict)
+    assert written.read_bytes() == b"the user's earlier result"
+    main([*predict, "--overwrite", "true"])  # asked for: replaced
+    assert written.read_bytes() == first
+    for side in ("left", "right"):  # a second pair whose name differs only in its extension
+        Image.open(pairs / side / "view.png").save(pairs / side / "view.jpg", quality=95)
+    with pytest.raises(ValueError, match=r"two predicted inputs map to \S*left/view.pfm: left/view.jpg and "
+                                         r"left/view.png"):
+        main([*predict, "--overwrite", "true"])

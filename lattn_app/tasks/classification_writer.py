@@ -5,37 +5,38 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from lightning.pytorch.callbacks import BasePredictionWriter
+from .prediction_writer import LattnPredictionWriter
 
 __all__ = ["ClassificationPredictionWriter"]
 
 
-class ClassificationPredictionWriter(BasePredictionWriter):
+class ClassificationPredictionWriter(LattnPredictionWriter):
     """Writes the predictions of ``lattn predict`` to ``<output_dir>/<filename>`` as CSV.
 
     Columns: ``path``, ``class`` (name), ``class_index``, ``probability`` and ``top5``
     (``name:probability`` pairs separated by ``;``, most probable first). With several processes each
-    writes its own file (``predictions_rank<r>.csv``).
+    writes its own file (``predictions_rank<r>.csv``). An earlier run's file is not replaced unless
+    ``--overwrite true`` (:class:`~lattn_app.tasks.prediction_writer.LattnPredictionWriter`).
     """
 
     COLUMNS = ("path", "class", "class_index", "probability", "top5")
 
-    def __init__(self, output_dir: str = "predictions", filename: str = "predictions.csv") -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+    def __init__(self, output_dir: str = "predictions", filename: str = "predictions.csv",
+                 overwrite: bool = False) -> None:
+        super().__init__(output_dir, overwrite)
         self.filename = filename
         self.path: Path | None = None
         self.rows = 0
 
-    def _file(self, trainer) -> Path:
+    def _file_name(self, trainer) -> str:
         if trainer.world_size > 1:
             stem = Path(self.filename)
-            return self.output_dir / f"{stem.stem}_rank{trainer.global_rank}{stem.suffix}"
-        return self.output_dir / self.filename
+            return f"{stem.stem}_rank{trainer.global_rank}{stem.suffix}"
+        return self.filename
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self.path = self._file(trainer)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        super().on_predict_start(trainer, pl_module)
+        self.path = self.target(self._file_name(trainer))
         with open(self.path, "w", newline="") as file:
             csv.writer(file).writerow(self.COLUMNS)
         self.rows = 0

@@ -26,7 +26,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
@@ -38,6 +37,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from ..data.io import read_image
 from ..models.detection import DetectorOptions, build_detector
 from .base import LattnTask, backbone_options_with_attention
+from .prediction_writer import LattnPredictionWriter
 
 # The summary numbers of MeanAveragePrecision that are logged (per IoU type).
 LOGGED_AP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
@@ -287,7 +287,7 @@ def coco_results(result: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dic
     return bbox, segm
 
 
-class DetectionPredictionWriter(BasePredictionWriter):
+class DetectionPredictionWriter(LattnPredictionWriter):
     """Writes ``lattn predict`` output of a DetectionTask under `output_dir`.
 
     - ``bbox_results.json``: COCO results format ``[{"image_id", "category_id", "bbox": [x, y, w, h],
@@ -297,12 +297,14 @@ class DetectionPredictionWriter(BasePredictionWriter):
       (predict with ``--data.predict_split test`` to keep the COCO image ids);
     - ``images/<file>.png``: each image with its detections of score >= `draw_score_threshold` drawn
       (`max_drawn_images` of them; 0: none).
+
+    An earlier run's files are not replaced unless ``--overwrite true``
+    (:class:`~lattn_app.tasks.prediction_writer.LattnPredictionWriter`).
     """
 
     def __init__(self, output_dir: str = "predictions", draw_score_threshold: float = 0.5,
-                 max_drawn_images: int | None = 100) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+                 max_drawn_images: int | None = 100, overwrite: bool = False) -> None:
+        super().__init__(output_dir, overwrite)
         self.draw_score_threshold = draw_score_threshold
         self.max_drawn_images = max_drawn_images
         self.bbox_results: list[dict[str, Any]] = []
@@ -310,7 +312,11 @@ class DetectionPredictionWriter(BasePredictionWriter):
         self.drawn = 0
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        super().on_predict_start(trainer, pl_module)
         self.bbox_results, self.segm_results, self.drawn = [], [], 0
+        if trainer.is_global_zero:  # refused before any image is predicted, not at the end
+            for name in ("bbox_results.json", "segm_results.json"):
+                self.refuse_earlier(name)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         for result in prediction:
@@ -327,8 +333,7 @@ class DetectionPredictionWriter(BasePredictionWriter):
             decoded = mask_utils.decode([{**rle, "counts": rle["counts"].encode("ascii")} for rle in result["masks"]])
             detection["masks"] = torch.from_numpy(decoded).permute(2, 0, 1).bool()
         drawn = draw_detections(image, detection, class_names, self.draw_score_threshold)
-        path = self.output_dir / "images" / Path(result["file_name"]).with_suffix(".png")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.target(Path("images") / Path(result["file_name"]).with_suffix(".png"), str(result["path"]))
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
         self.drawn += 1
 
@@ -350,7 +355,7 @@ class DetectionPredictionWriter(BasePredictionWriter):
               flush=True)
 
     def _write_json(self, name: str, results: list[dict[str, Any]]) -> Path:
-        path = self.output_dir / name
+        path = self.target(name)
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(results))
         temporary.replace(path)

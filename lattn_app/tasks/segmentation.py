@@ -28,13 +28,11 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
@@ -47,6 +45,7 @@ from ..metrics.segmentation import SegmentationMetrics, trivial_baseline
 from ..models.segmentation import Segmenter, SegmenterOptions
 from ..registry import check_choice
 from .base import LattnTask, backbone_options_with_attention
+from .prediction_writer import LattnPredictionWriter
 
 log = logging.getLogger(__name__)
 
@@ -319,15 +318,15 @@ class SegmentationTask(LattnTask):
         return line
 
 
-class SegmentationPredictionWriter(BasePredictionWriter):
+class SegmentationPredictionWriter(LattnPredictionWriter):
     """Saves every prediction as ``<name>_labels.png`` and ``<name>_overlay.png`` under `output_dir`.
 
     ``<name>`` is the image's path relative to the data root (or to ``predict_dir``) without its suffix.
     The label PNG holds the dataset's own class ids (ADE20K: 1..150, Cityscapes: labelIds, a folder
     layout: the class indices of its class list), 8-bit (16-bit for ids above 255), at the original
     image's size; the overlay blends the class colours over the image. An existing file is never
-    replaced: a second ``lattn predict`` into the same folder stops at its first file, unless
-    ``overwrite`` is set.
+    replaced unasked (:class:`~lattn_app.tasks.prediction_writer.LattnPredictionWriter`): a second
+    ``lattn predict`` into the same folder stops at its first file, unless ``--overwrite true``.
 
     Args:
         output_dir: the folder; the command line names it ``predictions/<config name>``.
@@ -336,26 +335,18 @@ class SegmentationPredictionWriter(BasePredictionWriter):
     """
 
     def __init__(self, output_dir: str = "predictions", alpha: float = 0.5, overwrite: bool = False) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__(output_dir, overwrite)
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
-        self.output_dir = Path(output_dir)
         self.alpha = alpha
-        self.overwrite = overwrite
         self.written = 0
-
-    def _target(self, name: str, kind: str) -> Path:
-        path = self.output_dir / f"{name}_{kind}.png"
-        if path.exists() and not self.overwrite:
-            raise FileExistsError(f"{path} exists (an earlier lattn predict wrote it); predictions are never replaced: "
-                                  f"move or delete {self.output_dir}, or set the writer's overwrite: true")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         num_classes = pl_module.num_classes
         for result in prediction:
-            labels_path, overlay_path = self._target(result["name"], "labels"), self._target(result["name"], "overlay")
+            name, source = result["name"], str(result["path"])
+            labels_path = self.target(f"{name}_labels.png", source)
+            overlay_path = self.target(f"{name}_overlay.png", source)
             Image.fromarray(result["ids"]).save(labels_path)
             picture = overlay(read_image(result["path"]), result["labels"], num_classes, self.alpha)
             Image.fromarray(picture).save(overlay_path)

@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
@@ -65,6 +64,7 @@ from ..models.psmnet import PSMNet
 from ..models.stereo import StereoNet, StereoNetOptions, check_max_disparity
 from ..registry import check_choice
 from .base import LattnTask
+from .prediction_writer import LattnPredictionWriter
 from .record import checkpoint_mismatch, read_checkpoint_header
 
 log = logging.getLogger(__name__)
@@ -551,7 +551,7 @@ def point_cloud(disparity: np.ndarray, calibration: StereoCalibration,
     return points, None if colours is None else colours[v, u], depth
 
 
-class StereoPredictionWriter(BasePredictionWriter):
+class StereoPredictionWriter(LattnPredictionWriter):
     """Saves every predicted disparity as ``<name>.pfm``, ``<name>_disp16.png`` and ``<name>_color.png``.
 
     ``<name>`` is the left image's path relative to the data root (or its file name for pairs given
@@ -563,29 +563,33 @@ class StereoPredictionWriter(BasePredictionWriter):
     there is none) and ``<name>.ply`` (a binary PLY point cloud coloured by the left view, which Open3D,
     MeshLab and CloudCompare read).
 
+    No file is replaced unasked (:class:`~lattn_app.tasks.prediction_writer.LattnPredictionWriter`): neither
+    one an earlier run wrote (unless ``--overwrite true``) nor one of this run (two pairs whose names differ
+    only in the extension).
+
     Args:
         output_dir: the folder written to.
         kitti_submission: also write ``<output_dir>/disp_0/<left image's file name>``, the KITTI benchmark's
             submission format (16-bit PNG, disparity * 256, at least 1/256: 0 would mean no prediction).
+        overwrite: replace files an earlier run wrote.
     """
 
-    def __init__(self, output_dir: str = "predictions", kitti_submission: bool = False) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+    def __init__(self, output_dir: str = "predictions", kitti_submission: bool = False,
+                 overwrite: bool = False) -> None:
+        super().__init__(output_dir, overwrite)
         self.kitti_submission = kitti_submission
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         max_disparity = getattr(pl_module, "max_disparity", None)  # the model's range (its checkpoint's)
         calibrations = prediction.get("calibration") or [None] * len(prediction["name"])
         for name, disparity, calibration in zip(prediction["name"], prediction["disparity"], calibrations):
-            stem = self.output_dir / Path(name).with_suffix("")
-            stem.parent.mkdir(parents=True, exist_ok=True)
+            stem = Path(name).with_suffix("").as_posix()
             array = disparity.numpy()
-            write_pfm(stem.with_name(stem.name + ".pfm"), array)
-            write_disparity_png16(stem.with_name(stem.name + "_disp16.png"), array)
-            Image.fromarray(colorize_disparity(array, max_disparity)).save(stem.with_name(stem.name + "_color.png"))
+            write_pfm(self.target(stem + ".pfm", name), array)
+            write_disparity_png16(self.target(stem + "_disp16.png", name), array)
+            Image.fromarray(colorize_disparity(array, max_disparity)).save(self.target(stem + "_color.png", name))
             if self.kitti_submission:
-                write_disparity_png16(self.output_dir / "disp_0" / Path(name).name, np.maximum(array, 1 / 256))
+                write_disparity_png16(self.target(Path("disp_0") / Path(name).name, name), np.maximum(array, 1 / 256))
             if calibration is not None:
                 values = dict(calibration)
                 for key in ("cx", "cy"):
@@ -593,8 +597,8 @@ class StereoPredictionWriter(BasePredictionWriter):
                 calib = StereoCalibration(values["focal_length"], values["baseline"], values["doffs"], values["cx"],
                                           values["cy"])
                 points, colours, depth = point_cloud(array, calib, _left_colours(batch, name))
-                write_pfm(stem.with_name(stem.name + "_depth.pfm"), depth)
-                write_ply_points(stem.with_name(stem.name + ".ply"), points, colours,
+                write_pfm(self.target(stem + "_depth.pfm", name), depth)
+                write_ply_points(self.target(stem + ".ply", name), points, colours,
                                  comment=f"lattn stereo: {name}; depth = f * baseline / (disparity + doffs), "
                                          f"f {calib.focal_length:g} px, baseline {calib.baseline:g}, doffs {calib.doffs:g}")
 

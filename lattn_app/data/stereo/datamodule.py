@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import defaultdict
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -33,8 +33,10 @@ class StereoDataModule(LattnDataModule):
     full images as stored.
 
     Args:
-        crop_size: training crop (height, width) in pixels, clipped to the image when larger; None
-            trains on full images. Validation and test always use full images.
+        crop_size: training crop (height, width) in pixels, clipped to the image when larger; ``"whole"``
+            trains on whole images. None (default): the layout's :attr:`default_crop_size` (PSMNet's
+            256 x 512), or whole images on the embedded synthetic set; the choice is logged. Validation and
+            test always use whole images.
         val_fraction: fraction of the training sequences (of each subset) held out for validation (at
             least one sequence when > 0 and there are two or more). 0: no validation.
         val_seed: seed of the choice of validation sequences (the split is the same on every run).
@@ -75,11 +77,13 @@ class StereoDataModule(LattnDataModule):
     score_all_ground_truth: ClassVar[bool] = False
     #: the benchmark's name in the zero-shot table and the logs
     benchmark_name: ClassVar[str] = "Scene Flow"
+    #: the training crop (height, width) when `crop_size` is unset, on real data
+    default_crop_size: ClassVar[tuple[int, int]] = (256, 512)
 
     def __init__(
         self,
         # StereoAugmentation's options again, on purpose: each is a --data.* option with its own help.
-        crop_size: tuple[int, int] | None = (256, 512),
+        crop_size: tuple[int, int] | Literal["whole"] | None = None,
         val_fraction: float = 0.05,
         val_seed: int = 0,
         limit_train: int | None = None,
@@ -125,9 +129,16 @@ class StereoDataModule(LattnDataModule):
         self.val_seed = val_seed
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.predict_pairs = predict_pairs
+        if isinstance(crop_size, str) and crop_size != "whole":
+            raise ValueError(f"{owner}: crop_size must be (height, width), 'whole' or None; got {crop_size!r}")
+        chosen = crop_size if crop_size is not None else "whole" if self.is_embedded else self.default_crop_size
+        self.crop_choice = "whole images" if chosen == "whole" else f"{chosen[0]} x {chosen[1]} crops"
+        if crop_size is None:
+            self.crop_choice += " (crop_size unset: " + ("the embedded set" if self.is_embedded else "real data") + ")"
         self.train_transform = StereoAugmentation(
-            crop_size=crop_size, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
-            gamma=gamma, asymmetric_color=asymmetric_color, flip_prob=flip_prob, rescale=rescale,
+            crop_size=None if chosen == "whole" else chosen, brightness=brightness, contrast=contrast,
+            saturation=saturation, hue=hue, gamma=gamma, asymmetric_color=asymmetric_color, flip_prob=flip_prob,
+            rescale=rescale,
         )
 
     @property
@@ -194,6 +205,7 @@ class StereoDataModule(LattnDataModule):
         if stage in (None, "fit", "validate") and "val" not in self.datasets:
             flip = self.train_transform.flip_prob > 0
             train, val = self.split_train_val(self.training_frames(need_right_disparity=flip))
+            log.info("%s training: %s", type(self).__name__, self.crop_choice)
             self.datasets["train"] = StereoDataset(self._limit(train, "train"), self.train_transform,
                                                    use_right_disparity=flip)
             self.datasets["val"] = self._evaluation_dataset(self._limit(val, "val"))
