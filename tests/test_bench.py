@@ -494,3 +494,34 @@ def test_stereo_bench_builds_the_main_job_network_and_times_it_against_the_previ
     assert row["previous_seconds"] > 0 and row["main_job_seconds"] > 0
     assert 0 < row["backbone_share"] < row["features_share"]
     assert (tmp_path / "stereo.md").is_file() and (tmp_path / "stereo.json").is_file()
+
+
+def test_compile_benchmark_reports_breaks_compile_time_and_both_timings(tmp_path, capsys):
+    from lattn_app.bench import bench_command
+
+    bench_command(["compile", "--mechanisms", "fnet", "performer", "--networks", "--sizes", "8x8",
+                   "--modes", "inference", "training", "--backend", "aot_eager", "--repeats", "2",
+                   "--output", str(tmp_path)])
+    document = json.loads((tmp_path / "compile.json").read_text())
+    rows = document["results"]
+    assert [(r["what"], r["mode"]) for r in rows] == [("fnet", "inference"), ("fnet", "training"),
+                                                      ("performer", "inference"), ("performer", "training")]
+    for row in rows:
+        assert row["graph_breaks"] == 0 and row["tokens"] == 64 and row["compile_seconds"] > 0
+        assert row["compiled_over_eager"] == pytest.approx(row["compiled_seconds"] / row["eager_seconds"])
+        assert row["relative_difference"] < 1e-5  # aot_eager runs the same kernels
+    assert document["settings"]["backend"] == "aot_eager"
+    assert "| fnet | inference | 8x8 |" in (tmp_path / "compile.md").read_text()
+    assert "performer training 8x8: 0 graph breaks" in capsys.readouterr().out
+
+
+def test_the_committed_compile_run_covers_every_mechanism_and_network():
+    from lattn_app.attention import list_attentions
+    from lattn_app.bench.compiled import NETWORKS
+
+    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/compile-cpu/compile.json").read_text())["results"]
+    measured = {(r["what"], r["mode"], r["size"]) for r in rows}
+    for name in list_attentions():
+        assert {(name, mode, size) for mode in ("inference", "training") for size in ("64x64", "128x128")} <= measured
+    assert {r["what"].split(" ")[0] for r in rows if r["kind"] == "network"} == set(NETWORKS)
+    assert all(r["graph_breaks"] == 0 for r in rows)

@@ -159,9 +159,11 @@ def efficient_attention(
     if context_dropout > 0 and training:  # the plain formula, differentiated by autograd
         context = k.softmax(dim=-2).transpose(-2, -1) @ v
         return q.softmax(dim=-1) @ F.dropout(context, context_dropout, training)
-    if torch.compiler.is_exporting():
-        # torch.export (and the ONNX exporter on top of it): the same formula in one piece. The chunk count
-        # depends on N, which an exported graph keeps symbolic, and the Function's backward is not exported.
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        # torch.compile, torch.export (and the ONNX exporter on top of it): the same formula in one piece.
+        # The chunk count depends on N, which an exported graph keeps symbolic; the chunks write through
+        # non-contiguous out= views, which break a compiled graph; and inductor fuses the two softmaxes
+        # into the products itself, its partitioner choosing what the backward pass keeps or recomputes.
         accumulate = torch.promote_types(v.dtype, torch.float32)
         context = k.softmax(dim=-2).to(accumulate).transpose(-2, -1) @ v.to(accumulate)
         return q.softmax(dim=-1) @ context.to(q.dtype)

@@ -221,8 +221,11 @@ class LinformerAttention(QKVAttention):
         value_projection = self.grid_projection(self.value_length_projection, source_hw, source.dtype)
         key_rows = compressed_rows(source, key_projection, prefix)
         value_rows = compressed_rows(source, value_projection, prefix)
-        q, k, v = ProjectQueriesAndCompressedRows.apply(self.qkv.weight, x, key_rows, value_rows, source,
-                                                        key_projection, value_projection, prefix)
+        if torch.compiler.is_compiling():  # the Function frees K and V through ctx, a side effect a graph cannot hold
+            q, k, v = (F.linear(t, w) for t, w in zip((x, key_rows, value_rows), self.qkv.weight.chunk(3)))
+        else:
+            q, k, v = ProjectQueriesAndCompressedRows.apply(self.qkv.weight, x, key_rows, value_rows, source,
+                                                            key_projection, value_projection, prefix)
         if self.qkv.bias is not None:
             bias_q, bias_k, bias_v = self.qkv.bias.split(self.dim)
             q = q + bias_q.to(q.dtype)

@@ -28,7 +28,8 @@ features (as in the reference, whose every layer draws its own matrix) while eve
 resumed run sees the same ones. ``layer_index=None`` is the seeding of earlier lattn versions (every
 layer the same draw). Features are redrawn every ``redraw_interval`` training forward passes (never in
 eval mode); ``redraw_interval=None`` freezes them, as the X-formers' released ViP scripts do (they never
-call performer-pytorch's redraw).
+call performer-pytorch's redraw). Under ``torch.compile`` a lattn task counts the passes before each
+training step (:meth:`PerformerAttention.count_training_pass`), outside the compiled graph.
 """
 
 from __future__ import annotations
@@ -146,11 +147,22 @@ class PerformerAttention(QKVAttention):
         exponent = projections.sub_(half_norm).sub_(stabiliser + 0.5 * math.log(self.num_features))
         return exponent.exp() + self.kernel_epsilon * self.num_features**-0.5
 
+    @torch.no_grad()
+    def count_training_pass(self) -> None:
+        """Count one training forward pass, first redrawing the features if `redraw_interval` passes used them.
+
+        Eager: :meth:`attend` calls it. Compiled, the count cannot be in the graph (a branch on a buffer's
+        value): :class:`~lattn_app.tasks.base.LattnTask` calls it before each training step instead.
+        """
+        if self.redraw_interval is None:
+            return
+        if int(self.calls_since_redraw) >= self.redraw_interval:
+            self.redraw_features()
+        self.calls_since_redraw += 1
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw: Grid | None, kv_hw: Grid | None) -> Tensor:
-        if self.training and self.redraw_interval is not None:
-            if int(self.calls_since_redraw) >= self.redraw_interval:
-                self.redraw_features()
-            self.calls_since_redraw += 1
+        if self.training and not torch.compiler.is_compiling():
+            self.count_training_pass()
         phi_q, phi_k = self.feature_map(q, is_query=True), self.feature_map(k, is_query=False)
         context = phi_k.transpose(-2, -1) @ v  # (B, h, m, d)
         normaliser = phi_q @ phi_k.sum(dim=-2).unsqueeze(-1)  # (B, h, N, 1)

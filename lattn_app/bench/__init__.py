@@ -7,6 +7,7 @@
     lattn bench claims    [--quick]     # the papers' memory claims as ratios measured here
     lattn bench export    [--quick]     # exported ONNX models in onnxruntime against eager PyTorch
     lattn bench stereo    [--quick]     # the main job's training step against the previous main job's
+    lattn bench compile   [--quick]     # torch.compile against eager: every mechanism, the quickstart networks
 
 Each writes a Markdown table, JSON and CSV (and, for attention, log-log PNG plots) to its ``--output``
 folder. See BENCHMARKS.md for results and how they are measured (:mod:`lattn_app.bench.measure`).
@@ -25,6 +26,7 @@ SUBCOMMANDS = {
     "claims": "the papers' memory claims, as ratios measured on this machine",
     "export": "latency of the quickstart networks exported to ONNX (onnxruntime) against eager PyTorch",
     "stereo": "the main job's training step against the previous main job's (trilinear, 3 hourglasses), side by side",
+    "compile": "torch.compile against eager PyTorch: graph breaks, compile time, inference and training speed",
 }
 
 
@@ -53,6 +55,8 @@ def bench_command(argv: Sequence[str]) -> None:
         from .export_latency import main
     elif argv[0] == "stereo":
         from .stereo_step import main
+    elif argv[0] == "compile":
+        from .compiled import main
     else:
         from .claims import main
     main(argv[1:])

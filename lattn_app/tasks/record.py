@@ -29,6 +29,7 @@ import torch
 # checkpoint's without changing what the weights mean.
 NOT_ARCHITECTURE = {"_class_path", "_instantiator", "lr", "weight_decay", "warmup_epochs", "min_lr_ratio",
                     "layer_decay", "freeze_backbone", "on_nonfinite_loss", "optimizer", "momentum", "lr_milestones", "compile",
+                    "compile_options",
                     "num_logged_images", "teacher_checkpoint",
                     "teacher_backbone", "class_names"}
 # Hyperparameters that a task left unset (None) takes from the checkpoint it loads (StereoTask.max_disparity).
