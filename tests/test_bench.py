@@ -519,7 +519,8 @@ def test_the_committed_compile_run_covers_every_mechanism_and_network():
     from lattn_app.attention import list_attentions
     from lattn_app.bench.compiled import NETWORKS
 
-    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/compile-cpu/compile.json").read_text())["results"]
+    committed = Path(__file__).resolve().parents[1] / "benchmarks/compile-cpu/compile.json"
+    rows = json.loads(committed.read_text())["results"]
     measured = {(r["what"], r["mode"], r["size"]) for r in rows}
     for name in list_attentions():
         assert {(name, mode, size) for mode in ("inference", "training") for size in ("64x64", "128x128")} <= measured

@@ -113,7 +113,8 @@ def mechanism_point(name: str, hw: tuple[int, int], mode: str, device: torch.dev
 def network_inputs(task_name: str, task: nn.Module, size: tuple[int, int], batch: int,
                    device: torch.device) -> tuple[Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
-    images = [torch.rand(batch, 3, *size, generator=generator).to(device) for _ in range(2 if task_name == "stereo" else 1)]
+    views = 2 if task_name == "stereo" else 1
+    images = [torch.rand(batch, 3, *size, generator=generator).to(device) for _ in range(views)]
     return tuple(task.normalize(image) for image in images)
 
 
