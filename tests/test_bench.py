@@ -215,6 +215,26 @@ def _record(case, n, mode, seconds, memory=1000, roofline_s=None):
             "peak_memory_bytes": memory * 10**6, "bytes": 8 * n * 256 * 4, "roofline_s": roofline_s}
 
 
+@pytest.mark.parametrize(("key", "package", "layer"), [
+    ("performer", "performer_pytorch", "SelfAttention"),
+    ("linformer", "linformer", "LinformerSelfAttention"),
+    ("nystrom", "nystrom_attention", "NystromAttention"),
+])
+def test_package_references_are_the_packages_own_layers(key, package, layer, monkeypatch):
+    """Where the public code is a package, the reference row runs it, not a rewrite; without it the row is left out."""
+    from lattn_app.bench.cases import all_cases
+    from lattn_app.bench.reference import REFERENCES
+
+    reference = REFERENCES[key]
+    module = reference.build(256, 4, (8, 8), **reference.options)
+    assert type(module.layer).__module__.startswith(package) and type(module.layer).__name__ == layer
+    x = torch.randn(2, 64, 256)
+    assert module(*module.prepare(x, (8, 8))).shape == x.shape
+    monkeypatch.setattr(type(reference), "available", property(lambda self: self.package is None))
+    labels = [case.label for case in all_cases()]
+    assert f"reference:{key}" not in labels and "reference:efficient" in labels
+
+
 def test_targets_pass_and_fail_on_the_measured_ratios():
     records = [
         _record("op:softmax-fused", 16384, "forward+backward", 6.0),

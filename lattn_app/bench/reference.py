@@ -2,10 +2,12 @@
 
 `lattn bench attention` measures lattn's mechanisms side by side with these (rows named
 ``reference:<mechanism>``), at the same width, heads and options, to check that lattn is at least as fast
-and no hungrier for memory. Nothing can be downloaded on a benchmark machine, so each method's reference
-code path is re-implemented here, minimally and as described in docs/methods.md: the same layout, the same
-order of operations, the same loops and the same intermediate tensors as the reference, without its
-training-only features. Softmax attention is measured against timm's ``Attention`` itself.
+and no hungrier for memory. Where the public code is a package on the package registry, the row is that
+package's layer itself (the ``bench`` extra installs them): timm's ``Attention`` for softmax,
+performer-pytorch, linformer and nystrom-attention; without the package the row is left out. The others
+have no package (the authors' repositories are not installable): their code path is re-implemented here,
+minimally and as described in docs/methods.md: the same layout, the same order of operations, the same
+loops and the same intermediate tensors as the reference, without its training-only features.
 
 Each reference module takes its input in its own layout: :meth:`prepare` turns tokens (B, N, C) on an
 (H, W) grid into the arguments of its ``forward`` (outside the timed region).
@@ -13,7 +15,7 @@ Each reference module takes its input in its own layout: :meth:`prepare` turns t
 
 from __future__ import annotations
 
-import math
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +24,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..attention.performer import orthogonal_random_features
 
 Grid = tuple[int, int]
 
@@ -84,120 +85,37 @@ class ReferenceEfficientAttention(ReferenceModule):
         return self.reprojection(torch.cat(heads, dim=1)) + maps
 
 
-class ReferencePerformerAttention(ReferenceModule):
-    """FAVOR+ as performer-pytorch computes it (the X-formers' Performer; docs/methods.md#performer).
+class PackageLayer(ReferenceModule):
+    """A public package's own attention layer, used as is: ``layer(x)`` on tokens (B, N, C)."""
 
-    Separate q, k, v linear layers; features by einsum with the projection; the key stabiliser is the
-    maximum over the whole key tensor (all samples); 1e-4 added to every feature; the normaliser D^-1
-    and the output by einsum.
-    """
-
-    def __init__(self, dim: int, num_heads: int, hw: Grid, num_features: int | None = None) -> None:
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.num_features = num_features or max(1, int(head_dim * math.log(head_dim)))
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
-        self.to_out = nn.Linear(dim, dim)
-        generator = torch.Generator().manual_seed(0)
-        self.register_buffer("projection", orthogonal_random_features(self.num_features, head_dim, generator))
-
-    def features(self, data: Tensor, is_query: bool, eps: float = 1e-4) -> Tensor:
-        normalizer = data.shape[-1] ** -0.25
-        ratio = self.projection.shape[0] ** -0.5
-        data_dash = torch.einsum("...id,jd->...ij", normalizer * data, self.projection)
-        diag_data = (data**2).sum(dim=-1, keepdim=True) / 2.0 * normalizer**2
-        if is_query:
-            stabiliser = data_dash.amax(dim=-1, keepdim=True).detach()
-        else:
-            stabiliser = data_dash.amax().detach()
-        return ratio * (torch.exp(data_dash - diag_data - stabiliser) + eps)
+        self.layer = layer
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, _ = x.shape
-        q, k, v = (layer(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
-                   for layer in (self.to_q, self.to_k, self.to_v))
-        q, k = self.features(q, is_query=True), self.features(k, is_query=False)
-        k_sum = k.sum(dim=-2)
-        d_inv = 1.0 / torch.einsum("...nd,...d->...n", q, k_sum.type_as(q))
-        context = torch.einsum("...nd,...ne->...de", k, v)
-        out = torch.einsum("...de,...nd,...n->...ne", context, q, d_inv)
-        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, -1))
+        return self.layer(x)
 
 
-class ReferenceLinformerAttention(ReferenceModule):
-    """Linformer as lucidrains' linformer computes it: q, k, v linear layers; keys and values of full
-    width projected along the sequence by E, F (N x k) before the heads are split; explicit N x k map."""
+def performer_package(dim: int, num_heads: int, hw: Grid) -> PackageLayer:
+    """performer-pytorch's ``SelfAttention`` (FAVOR+, d log d features: lattn's default), with q, k, v biases."""
+    from performer_pytorch import SelfAttention
 
-    def __init__(self, dim: int, num_heads: int, hw: Grid, k: int = 64) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
-        tokens = hw[0] * hw[1]
-        self.proj_k = nn.Parameter(torch.randn(tokens, k) * k**-0.5)
-        self.proj_v = nn.Parameter(torch.randn(tokens, k) * k**-0.5)
-        self.to_out = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, _ = x.shape
-        queries, keys, values = self.to_q(x), self.to_k(x), self.to_v(x)
-        keys = torch.einsum("bnd,nk->bkd", keys, self.proj_k)
-        values = torch.einsum("bnd,nk->bkd", values, self.proj_v)
-        queries, keys, values = (t.reshape(batch, t.shape[1], self.num_heads, -1).transpose(1, 2)
-                                 for t in (queries, keys, values))
-        dots = torch.einsum("bhnd,bhkd->bhnk", queries, keys) * self.scale
-        out = torch.einsum("bhnk,bhkd->bhnd", dots.softmax(dim=-1), values)
-        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, -1))
+    return PackageLayer(SelfAttention(dim, heads=num_heads, dim_head=dim // num_heads, qkv_bias=True))
 
 
-class ReferenceNystromAttention(ReferenceModule):
-    """Nystromformer as its reference code computes it (docs/methods.md#nystrom): fused qkv layer;
-    zero padding at the front up to a multiple of the landmarks, counted in the landmark means; q and k
-    scaled by d^-1/4; three softmax kernels; Newton pseudo-inverse initialised with norms over the whole
-    batch; depthwise (33 x 1) convolution of v added."""
+def linformer_package(dim: int, num_heads: int, hw: Grid, k: int = 64) -> PackageLayer:
+    """linformer's ``LinformerSelfAttention`` over the grid's N tokens, k = 64 (lattn's default)."""
+    from linformer import LinformerSelfAttention
 
-    def __init__(self, dim: int, num_heads: int, hw: Grid, num_landmarks: int = 64,
-                 pinv_iterations: int = 6, conv_kernel: int = 33) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.num_landmarks = num_landmarks
-        self.pinv_iterations = pinv_iterations
-        self.to_qkv = nn.Linear(dim, 3 * dim)
-        self.to_out = nn.Linear(dim, dim)
-        self.res_conv = nn.Conv2d(num_heads, num_heads, (conv_kernel, 1), padding=(conv_kernel // 2, 0),
-                                  groups=num_heads, bias=False)
+    return PackageLayer(LinformerSelfAttention(dim, hw[0] * hw[1], k=k, heads=num_heads, dim_head=dim // num_heads))
 
-    @staticmethod
-    def pinv(x: Tensor, iterations: int) -> Tensor:
-        abs_x = x.abs()
-        column, row = abs_x.sum(dim=-1), abs_x.sum(dim=-2)
-        z = x.transpose(-1, -2) / (column.max() * row.max())  # norms over the whole batch
-        identity = torch.eye(x.shape[-1], device=x.device, dtype=x.dtype)
-        for _ in range(iterations):
-            xz = x @ z
-            z = 0.25 * z @ (13 * identity - (xz @ (15 * identity - (xz @ (7 * identity - xz)))))
-        return z
 
-    def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, _ = x.shape
-        m = self.num_landmarks
-        padding = -tokens % m
-        if padding:
-            x = F.pad(x, (0, 0, padding, 0))
-        q, k, v = self.to_qkv(x).reshape(batch, x.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        scale = q.shape[-1] ** -0.25
-        q, k = q * scale, k * scale
-        segment = x.shape[1] // m
-        q_landmarks = q.reshape(batch, self.num_heads, m, segment, -1).sum(dim=-2) / segment
-        k_landmarks = k.reshape(batch, self.num_heads, m, segment, -1).sum(dim=-2) / segment
-        kernel_1 = (q @ k_landmarks.transpose(-1, -2)).softmax(dim=-1)
-        kernel_2 = (q_landmarks @ k_landmarks.transpose(-1, -2)).softmax(dim=-1)
-        kernel_3 = (q_landmarks @ k.transpose(-1, -2)).softmax(dim=-1)
-        out = (kernel_1 @ self.pinv(kernel_2, self.pinv_iterations)) @ (kernel_3 @ v)
-        out = out + self.res_conv(v)
-        out = out.transpose(1, 2).reshape(batch, x.shape[1], -1)[:, padding:]
-        return self.to_out(out)
+def nystrom_package(dim: int, num_heads: int, hw: Grid) -> PackageLayer:
+    """nystrom-attention's ``NystromAttention`` with lattn's defaults: 64 landmarks, 6 iterations, 33 x 1 residual conv."""
+    from nystrom_attention import NystromAttention
+
+    return PackageLayer(NystromAttention(dim, dim_head=dim // num_heads, heads=num_heads, num_landmarks=64,
+                                         pinv_iterations=6, residual=True, residual_conv_kernel=33))
 
 
 class ReferenceCouplingAttention(ReferenceModule):
@@ -278,8 +196,14 @@ class Reference:
 
     build: Callable[..., ReferenceModule]
     ours: str  # the label of lattn's case in the attention benchmark
-    source: str  # what it re-implements
+    source: str  # what it is: the package's layer, or what it re-implements
     options: dict[str, Any] = field(default_factory=dict)
+    package: str | None = None  # the module to import (the `bench` extra installs it); None: a rewrite
+
+    @property
+    def available(self) -> bool:
+        """False when its package is not installed (`pip install "lattn[bench]"`): the row is left out."""
+        return self.package is None or importlib.util.find_spec(self.package) is not None
 
 
 REFERENCES: dict[str, Reference] = {
@@ -290,9 +214,12 @@ REFERENCES: dict[str, Reference] = {
     ),
     "efficient": Reference(ReferenceEfficientAttention, "efficient",
                            "the authors' EfficientAttention module (per-head loop, channels-first)"),
-    "performer": Reference(ReferencePerformerAttention, "performer", "performer-pytorch's FAVOR+ path"),
-    "linformer": Reference(ReferenceLinformerAttention, "linformer", "lucidrains' linformer attention"),
-    "nystrom": Reference(ReferenceNystromAttention, "nystrom", "the Nystromformer reference attention"),
+    "performer": Reference(performer_package, "performer", "performer-pytorch 1.1.4's SelfAttention, used as is",
+                           package="performer_pytorch"),
+    "linformer": Reference(linformer_package, "linformer", "linformer 0.2.3's LinformerSelfAttention, used as is",
+                           package="linformer"),
+    "nystrom": Reference(nystrom_package, "nystrom", "nystrom-attention 0.0.14's NystromAttention, used as is",
+                         package="nystrom_attention"),
     "coupling": Reference(ReferenceCouplingAttention, "coupling", "docs/methods.md's coupling formulas as stated"),
     "care": Reference(ReferenceCareAttention, "care-block", "the CARE block's linear attention"),
     "fnet": Reference(ReferenceFNet, "fnet", "FNet's Fourier block (two 1D FFTs)"),
