@@ -315,7 +315,8 @@ class DetectionPredictionWriter(LattnPredictionWriter):
         super().on_predict_start(trainer, pl_module)
         self.bbox_results, self.segm_results, self.drawn = [], [], 0
         if trainer.is_global_zero:  # refused before any image is predicted, not at the end
-            for name in ("bbox_results.json", "segm_results.json"):
+            masks = getattr(pl_module, "with_masks", False)
+            for name in ("bbox_results.json", "segm_results.json") if masks else ("bbox_results.json",):
                 self.refuse_earlier(name)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
