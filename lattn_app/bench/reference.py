@@ -111,7 +111,7 @@ def linformer_package(dim: int, num_heads: int, hw: Grid, k: int = 64) -> Packag
 
 
 def nystrom_package(dim: int, num_heads: int, hw: Grid) -> PackageLayer:
-    """nystrom-attention's ``NystromAttention`` with lattn's defaults: 64 landmarks, 6 iterations, 33 x 1 residual conv."""
+    """nystrom-attention's ``NystromAttention`` with lattn's defaults: 64 landmarks, 6 iterations, a 33 x 1 conv."""
     from nystrom_attention import NystromAttention
 
     return PackageLayer(NystromAttention(dim, dim_head=dim // num_heads, heads=num_heads, num_landmarks=64,
