@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from . import report
@@ -62,11 +63,10 @@ def graph_breaks(fn: Callable[..., Any], *args: Any) -> tuple[int, list[str]]:
 
 
 def tensors_of(output: Any) -> list[Tensor]:
-    """The tensors in a network's output (a tensor, or tuples, lists and dicts of them)."""
-    if isinstance(output, Tensor):
-        return [output]
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else []
-    return [tensor for value in values for tensor in tensors_of(value)]
+    """The tensors in a network's output (a tensor, or tuples, lists and dicts of them), in order."""
+    found: list[Tensor] = []
+    apply_to_collection(output, Tensor, found.append)
+    return found
 
 
 def relative_difference(eager: Any, compiled: Any) -> float:

@@ -160,6 +160,8 @@ class LattnTask(LightningModule):
         self.lr_milestones = check_milestones(lr_milestones)
         self.compile_network = compile  # not self.compile: that is nn.Module's method
         self.compile_options = dict(compile_options or {})
+        # Compiled: the modules whose per-pass bookkeeping runs before each training step (performer's redraw count).
+        self.counted_outside_graph: list[nn.Module] = []
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1] (e.g. 0.75) or null; got {layer_decay}")
         self.lr = lr
@@ -187,10 +189,9 @@ class LattnTask(LightningModule):
         raise NotImplementedError
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        if self.compile_network:  # what a compiled graph cannot do itself: performer's redraw count
-            for module in self.modules():
-                if hasattr(module, "count_training_pass") and module.training:
-                    module.count_training_pass()
+        for module in self.counted_outside_graph:  # what a compiled graph cannot do itself
+            if module.training:
+                module.count_training_pass()
         loss = self.training_loss(batch)
         if not torch.isfinite(loss):
             if self.on_nonfinite_loss == "skip":
@@ -296,6 +297,7 @@ class LattnTask(LightningModule):
             network = operator.attrgetter(self.compiled_part)(self)
             if getattr(network, "_compiled_call_impl", None) is None:  # setup runs once per stage
                 network.compile(**self.compile_options)
+                self.counted_outside_graph = [m for m in self.modules() if hasattr(m, "count_training_pass")]
                 log.info("torch.compile: %s (%s) is compiled when it first runs", self.compiled_part,
                          type(network).__name__)
 

@@ -339,7 +339,6 @@ class SegmentationPredictionWriter(LattnPredictionWriter):
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
         self.alpha = alpha
-        self.written = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         num_classes = pl_module.num_classes
@@ -350,7 +349,6 @@ class SegmentationPredictionWriter(LattnPredictionWriter):
             Image.fromarray(result["ids"]).save(labels_path)
             picture = overlay(read_image(result["path"]), result["labels"], num_classes, self.alpha)
             Image.fromarray(picture).save(overlay_path)
-            self.written += 1
 
     def on_predict_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
