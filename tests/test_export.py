@@ -147,17 +147,57 @@ def test_segmentation_quickstart_exports_labels_and_logits(tmp_path, fmt):
     assert metadata["category_ids"] == list(range(1, 10)) and metadata["class_names"][0] == "sky"
 
 
+# Slow (110 s for ONNX, mostly the exporter's graph passes); the default suite checks the exported computation
+# eagerly against torchvision's (test_export_detector.py).
 @pytest.mark.slow
-def test_detection_quickstart_says_which_part_cannot_be_exported_before_writing(tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "torch_export"])
+def test_detection_quickstart_exports_whole_and_gives_torchvisions_detections(tmp_path, fmt):
     task = quickstart_task("coco_quickstart.yaml")
-    checkpoint = save_checkpoint(task, tmp_path / "model.ckpt")
-    with pytest.raises(ValueError) as raised:
-        main(["export", "--config", str(CONFIGS / "coco_quickstart.yaml"), "--ckpt_path", str(checkpoint),
-              "--format", "onnx", "--output", str(tmp_path / "model.onnx"), "--image_size", "[128, 160]"])
-    message = user_error_message(raised.value)
-    assert "DetectionTask with backbone pyramid_tiny/efficient cannot be exported" in message
-    assert "torchvision/ops/boxes.py" in message and "batched_nms" in message and "--part features" in message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+    path = run_export(tmp_path, "coco_quickstart.yaml", task, fmt, (128, 160))
+    run = runner(path, fmt)
+    names = ("boxes", "labels", "scores", "masks")
+    with torch.no_grad():
+        for height, width in ((128, 160), (150, 97)):  # the traced size and one it never saw, not a multiple of 32
+            image = images(1, height, width)[0]
+            expected = task([image])[0]  # torchvision's own inference
+            actual = dict(zip(names, run(image)))
+            assert len(expected["boxes"]) > 0 and actual["masks"].shape == (len(expected["boxes"]), 1, height, width)
+            assert np.array_equal(np.asarray(actual["labels"]), expected["labels"].numpy())
+            for name in ("boxes", "scores", "masks"):
+                assert relative_error(actual[name], expected[name]) <= PARITY, name
+    metadata = metadata_of(path, fmt)
+    assert list(metadata["outputs"]) == list(names) and metadata["class_names"][0] == "circle"
+    assert metadata["dynamic_axes"] == ["height", "width"] and metadata["min_size"] == 65
+
+
+@pytest.mark.slow  # 45 s each; the default suite checks the same computation eagerly (test_export_detector.py)
+@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
+def test_a_one_stage_detector_exports_whole(detector):
+    torch.manual_seed(0)
+    task = tasks.DetectionTask(detector=detector, backbone="pyramid_tiny", num_classes=3,
+                               backbone_options={"embed_dims": [16, 32, 32, 48], "depths": [1, 1, 1, 1],
+                                                 "num_heads": [1, 1, 2, 2]}, net={"neck_channels": 32})
+    spread_one_stage_scores(task.detector)
+    content, metadata, errors = export_model(task, "onnx", (144, 176))  # checked against torchvision at two sizes
+    assert len(errors) == 4 and max(errors.values()) <= PARITY  # onnx and torch_export, two sizes each
+    assert list(metadata["outputs"]) == ["boxes", "labels", "scores"] and metadata["detections_per_image"] == 100
+    assert metadata["min_size"] == 129  # more than the stride of P7, the coarsest level
+    session = onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
+    image = images(1, 150, 131)[0]
+    with torch.no_grad():
+        expected = task([image])[0]
+    boxes, labels, scores = session.run(None, {"image": image.numpy()})
+    assert len(expected["boxes"]) == 100 and np.array_equal(labels, expected["labels"].numpy())
+    assert relative_error(boxes, expected["boxes"]) <= PARITY and relative_error(scores, expected["scores"]) <= PARITY
+
+
+def spread_one_stage_scores(model: torch.nn.Module) -> None:
+    """Heads more like a trained one's than an untrained one's: scores apart and boxes not the anchors themselves
+    (an untrained RetinaNet scores everything about 0.01, its boxes are its anchors, and equal scores or IoUs
+    exactly at the threshold may go either way)."""
+    with torch.no_grad():
+        for parameter in model.head.parameters():
+            parameter.normal_(0, 0.05)
 
 
 @pytest.mark.slow

@@ -126,11 +126,13 @@ def trace(wrapper: ExportWrapper, size: tuple[int, int], dynamic_size: bool) -> 
 
 def to_onnx(program: torch.export.ExportedProgram, wrapper: ExportWrapper, metadata: dict[str, Any]):
     """The ONNX model (onnx.ModelProto) of an exported program, with `metadata` in its metadata_props."""
-    # The exporter's progress lines go to stdout and its optimiser's notes to the log ("Skipping constant
-    # folding ..."); the command prints its own summary instead.
-    optimizer_log = logging.getLogger("onnxscript")
-    level = optimizer_log.level
-    optimizer_log.setLevel(logging.ERROR)
+    # The exporter's progress lines go to stdout and its optimiser's and IR's notes to the log ("Skipping
+    # constant folding ...", "Attribute type is ambiguous ... Defaulted to INTS": the detector's empty axes
+    # lists, which are ints); the command prints its own summary instead.
+    quieted = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -138,7 +140,8 @@ def to_onnx(program: torch.export.ExportedProgram, wrapper: ExportWrapper, metad
                                              input_names=list(wrapper.input_names),
                                              output_names=list(wrapper.output_names))
     finally:
-        optimizer_log.setLevel(level)
+        for logger, level in zip(quieted, levels):
+            logger.setLevel(level)
     model = onnx_program.model_proto
     for key, value in metadata_props(metadata).items():
         entry = model.metadata_props.add()
@@ -218,6 +221,10 @@ def export_model(task: LattnTask, fmt: str, size: tuple[int, int] | None = None,
     if len(size) != 2 or min(size) < 1 or size[0] % step or size[1] % step:
         raise ValueError(f"--image_size: expected [height, width], both multiples of {step} (the network's coarsest "
                          f"stride); got {list(size)}")
+    smallest = wrapper.min_size() if isinstance(wrapper, DetectionExport) and dynamic_size else 1
+    if min(size) < smallest:
+        raise ValueError(f"--image_size: a detector is traced at {smallest} pixels or more in height and width (its "
+                         f"coarsest level needs 2 rows to vary in the exported file); got {list(size)}")
     what = describe(task_name(type(task)), task.hparams)
     failure = None
     try:
@@ -270,7 +277,7 @@ def check_export(wrapper: ExportWrapper, program, onnx_bytes: bytes | None, size
     for index, size in enumerate(sizes):
         inputs = wrapper.example_inputs(size, batch=2 if index == 0 else 1)
         with torch.no_grad():
-            eager = as_tuple(wrapper(*inputs))
+            eager = as_tuple(wrapper.reference(*inputs))
             runs = {"torch_export": lambda: as_tuple(module(*inputs))}
             if session is not None:
                 runs["onnx"] = lambda: run_onnx(session, wrapper, inputs)

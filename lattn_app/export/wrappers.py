@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from .. import __version__
+from . import detector
 from ..tasks import ClassificationTask, DetectionTask, LattnTask, SegmentationTask, StereoTask
 from ..tasks.record import task_name
 
@@ -43,6 +44,11 @@ class ExportWrapper(nn.Module):
     def __init__(self, task: LattnTask) -> None:
         super().__init__()
         self.task = task.eval().requires_grad_(False)
+
+    def reference(self, *inputs: Tensor) -> Any:
+        """The eager computation the exported file must reproduce (the wrapper's own forward, unless the
+        exported graph computes it differently)."""
+        return self(*inputs)
 
     # --- sizes --------------------------------------------------------------------------------------
     def size_multiple(self) -> int:
@@ -199,24 +205,53 @@ class SegmentationExport(ExportWrapper):
 class DetectionExport(ExportWrapper):
     """image (3, H, W) in [0, 1] -> boxes (N, 4), labels (N,), scores (N,)[, masks (N, 1, H, W)].
 
-    One image per call: torchvision's detectors take a list of images of different sizes, which an
-    exported graph cannot, and the number of detections N depends on the image.
+    Every detector lattn builds (Faster / Mask R-CNN, RetinaNet, FCOS), whole: its inference as
+    :mod:`lattn_app.export.detector` computes it (torchvision's detections, with shapes a graph can hold);
+    the check compares the exported file with torchvision's own eager inference (:meth:`reference`). One
+    image per call: the number of detections N depends on the image (the one data-dependent size of the graph).
     """
 
     input_names = ("image",)
     dynamic_batch = False
-    fixed_batch_reason = "one image (3, H, W) per call: the detector takes a list of images, and N detections each"
+    fixed_batch_reason = "one image (3, H, W) per call: the number of detections N depends on the image"
 
     def __init__(self, task: LattnTask) -> None:
         super().__init__(task)
+        self.inference = detector.inference(task.detector)
         self.output_names = ("boxes", "labels", "scores", "masks") if task.with_masks else ("boxes", "labels", "scores")
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        images = self.task.normalize(image[None])
+        height, width = images.shape[-2:]
+        padded, features = self.inference.features(images)
+        boxes, scores, labels, valid = (t[0] for t in self.inference.detections(padded, features, height, width))
+        # DetectionTask drops the one-stage heads' label-0 (background) detections; the rest keep their order:
+        # the valid ones first, by their position (a top-k of distinct integers, so no ties to break).
+        valid = valid & (labels > 0)
+        position = torch.arange(valid.shape[0], 0, -1, device=valid.device)
+        order = torch.where(valid, position, 0).topk(valid.shape[0]).indices
+        count = valid.sum().item()
+        torch._check_is_size(count)
+        torch._check(count <= valid.shape[0])
+        first = order[:count]
+        outputs = {"boxes": boxes[first], "labels": labels[first], "scores": scores[first]}
+        if self.inference.with_masks:  # pasted for the N detections only (each is height x width)
+            masks = self.inference.masks(features, outputs["boxes"][None], outputs["labels"][None], height, width)
+            outputs["masks"] = masks[0][:, None]
+        return tuple(outputs[name] for name in self.output_names)
+
+    def reference(self, image: Tensor) -> tuple[Tensor, ...]:
+        """torchvision's own inference (DetectionTask's forward), what the exported file must reproduce."""
         detection = self.task([image])[0]
         return tuple(detection[name] for name in self.output_names)
 
+    def min_size(self) -> int:
+        """The least height and width of an exported detector: more than its coarsest level's stride, so that
+        every level has at least 2 rows and columns (torch.export fixes a size of 1 in the graph)."""
+        return max(self.task.detector.backbone.strides) + 1
+
     def size_multiple(self) -> int:
-        return 1  # torchvision's transform resizes and pads every image itself
+        return 1  # any size: the detector pads every image itself (to transform.size_divisible)
 
     def native_size(self) -> tuple[int, int]:
         return (800, 1333)  # COCO's evaluation size; the detector takes images as the datamodule resized them
@@ -228,14 +263,18 @@ class DetectionExport(ExportWrapper):
     def dynamic_shapes(self, dynamic_size: bool) -> dict[str, dict[int, Any]]:
         if not dynamic_size:
             return {"image": {}}
-        return {"image": {1: Dim("height", min=32, max=8192), 2: Dim("width", min=32, max=8192)}}
+        smallest = self.min_size()
+        return {"image": {1: Dim("height", min=smallest, max=8192), 2: Dim("width", min=smallest, max=8192)}}
 
     def metadata(self, dynamic_size: bool) -> dict[str, Any]:
         task: DetectionTask = self.task
         data = super().metadata(dynamic_size)
         data["inputs"] = {"image": {**IMAGE_INPUT, "layout": "CHW", "shape": [3, "height", "width"]}}
+        settings = getattr(task.detector, "roi_heads", task.detector)  # a two-stage detector's are its RoI heads'
         return {**data, "num_classes": task.num_classes, "class_names": task.class_names,
-                "category_ids": task.category_ids}
+                "category_ids": task.category_ids, "min_size": self.min_size(),
+                "score_threshold": float(settings.score_thresh),
+                "detections_per_image": int(settings.detections_per_img)}
 
     def output_descriptions(self) -> dict[str, str]:
         described = {

@@ -83,6 +83,7 @@ class FeaturePyramid(nn.Module):
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_block,
                                          norm_layer=group_norm if norm else None)
         self.names = [level_name(s) for s in strides]
+        self.strides = tuple(strides)
         self.out_channels = out_channels
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
@@ -128,6 +129,7 @@ class SimpleFeaturePyramid(nn.Module):
             self.scales.append(nn.Sequential(*layers))
         self.extra = LastLevelP6P7(out_channels, out_channels) if one_stage else LastLevelMaxPool()
         self.names = [level_name(s) for s in strides]
+        self.strides = tuple(strides)
         self.out_channels = out_channels
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:

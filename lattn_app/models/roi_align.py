@@ -113,7 +113,7 @@ class PyramidRoIAlign(MultiScaleRoIAlign):
         features = [x[name] for name in self.featmap_names]
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         levels = self.map_levels(boxes)  # all 0 with a single level
-        pooled = features[0].new_zeros(len(rois), features[0].shape[1], *self.output_size)
+        pooled = features[0].new_zeros(rois.shape[0], features[0].shape[1], *self.output_size)  # not len(): traceable
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.nonzero(levels == level).squeeze(1)
             if self.use_matmul(feature):
