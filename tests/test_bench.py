@@ -295,6 +295,27 @@ def test_growth_targets_are_fitted_over_every_size_from_1024_to_65536():
     assert targets["growth mixer forward"]["passed"] is True and "N^1.00" in targets["growth mixer forward"]["measured"]
 
 
+def test_no_cliffs_targets_hold_each_step_to_what_its_cost_predicts():
+    sizes = [196, 1024, 4096, 16384, 32400, 65536]
+    flops = {n: 1000 * n for n in sizes}  # a linear mechanism
+    records = [dict(_record("efficient", n, mode, 1e-6 * n), flops=flops[n]) for n in sizes
+               for mode in ("forward", "forward+backward")]
+    # coupling: a 3.7x step where the cost predicts 2.3x (the cliff of the Xeon sweep)
+    coupling = {1024: 1.0, 4096: 4.4, 16384: 21.0, 32400: 48.0, 65536: 112.0}
+    records += [dict(_record("coupling", n, "forward", 1e-3 * coupling[n] * (3.7 if n == 65536 else 1)),
+                     flops=int(1e6 * coupling[n])) for n in coupling]
+    records.append(dict(_record("performer", 196, "forward", 1.0), flops=196))  # below N=1024: not a step
+    records += [dict(_record("performer", n, "forward", 1e-6 * n), flops=n) for n in sizes[1:]]
+    records += [_record("fnet", n, "forward", 1e-9 * n * 256 * math.log2(n * 256)) for n in sizes]  # no FLOP count
+    targets = {t["target"]: t for t in evaluate_targets(records)}
+    assert targets["no cliffs efficient"]["passed"] is True and "8 steps" in targets["no cliffs efficient"]["measured"]
+    assert targets["no cliffs coupling"]["passed"] is False
+    assert "N=32400 -> 65536 forward" in targets["no cliffs coupling"]["measured"]
+    assert targets["no cliffs performer"]["passed"] is True
+    assert targets["no cliffs fnet"]["passed"] is True  # N C log(N C), not N
+    assert targets["no cliffs nystrom"]["passed"] is None  # not measured
+
+
 def test_speedup_targets_use_the_fastest_call_and_only_the_target_settings():
     records = [
         dict(_record("op:softmax-fused", 16384, "forward+backward", 5.0), time_median_s=9.0),

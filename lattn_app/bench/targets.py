@@ -34,6 +34,8 @@ LINEAR_CASES = ("efficient", "efficient-scaling", "op:efficient", "performer", "
 # factor alone makes N^1.11 from N=1024 to 65536). coupling, O(N (H + W) d) = O(N^1.5) on square grids,
 # is not listed.
 SUPPLEMENTARY_GROWTH_CASES = ("fnet",)
+# Every registered mechanism as a module, held to "no cliffs" (steps no steeper than their cost predicts).
+MECHANISM_CASES = ("efficient", "performer", "linformer", "nystrom", "care", "coupling", "fnet", "mixer", "softmax")
 
 Record = dict[str, Any]
 
@@ -161,6 +163,36 @@ def measure_against_reference(target: Target, points: list[list[Record]]) -> Mea
     return measured, passed
 
 
+def modelled_cost(record: Record) -> float | None:
+    """A point's cost as the benchmark models it: its FLOP count. FNet's FFTs are not counted there, so
+    theirs is N C log(N C) (a Fourier transform over the tokens and the channels); None where unknown."""
+    if record.get("flops"):
+        return float(record["flops"])
+    if record["case"] == "fnet":
+        size = record["n"] * record["width"]
+        return size * math.log2(size)
+    return None
+
+
+def measure_steps(target: Target, points: list[list[Record]]) -> Measurement:
+    """Each step from one measured N to the next (in each mode): its time ratio over the ratio its cost model
+    predicts (the points' own FLOP counts, so N for a linear mechanism, N (H + W) for coupling's row and
+    column maps, N^2 for softmax). The worst step at most `bound`: no cliff."""
+    (case_points,) = points
+    steps = []
+    for mode in target.modes:
+        series = sorted((r["n"], r[TARGET_TIME], modelled_cost(r)) for r in case_points
+                        if r["mode"] == mode and modelled_cost(r) is not None)
+        for (n1, t1, f1), (n2, t2, f2) in zip(series, series[1:]):
+            steps.append(((t2 / t1) / (f2 / f1), n1, n2, mode, t2 / t1, f2 / f1))
+    if not steps:
+        return None
+    worst = max(steps)
+    measured = (f"worst step {worst[0]:.2f}x its prediction (N={worst[1]} -> {worst[2]} {worst[3]}: time "
+                f"{worst[4]:.2f}x, cost {worst[5]:.2f}x; {len(steps)} steps)")
+    return measured, worst[0] <= target.bound
+
+
 @dataclass(frozen=True)
 class Rule:
     """How a target's points are measured, and its bound as printed (formatted with ``bound``)."""
@@ -174,6 +206,7 @@ RULES = {
     "growth": Rule(measure_growth, "<= {bound:g}"),
     "roofline": Rule(measure_roofline, "<= {bound:.1f}x"),
     "reference": Rule(measure_against_reference, "time <= {bound:g}x, memory <= 1x"),
+    "steps": Rule(measure_steps, "every step <= {bound:g}x its cost's"),
 }
 
 
@@ -206,6 +239,13 @@ def _roofline_target(case: str, supplementary: str | None = None) -> Target:
                   supplementary=supplementary is not None)
 
 
+def _steps_target(case: str) -> Target:
+    n_min, n_max, bound = 1024, 65536, 1.3
+    statement = (f"{case}: no cliff, each step from one N to the next (N={n_min} to {n_max}, both modes) takes at "
+                 f"most {bound:g}x the time its FLOP count predicts")
+    return Target(f"no cliffs {case}", statement, "steps", bound, (case,), n_min=n_min, n_max=n_max)
+
+
 def _reference_target(key: str) -> Target:
     ours = REFERENCES[key].ours
     statement = (f"{ours} at least as fast (within {REFERENCE_TIME_TOLERANCE:.0%} timing noise) and no hungrier "
@@ -226,6 +266,7 @@ TARGETS: tuple[Target, ...] = (
     _roofline_target("efficient"),
     _roofline_target("op:efficient", "the operation without its projections"),
     *(_reference_target(key) for key in REFERENCES),
+    *(_steps_target(case) for case in MECHANISM_CASES),
 )
 
 
