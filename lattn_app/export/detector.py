@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import nms
+from torchvision.ops import clip_boxes_to_image, nms
 
 OUTSIDE = (-2.0, -2.0, -1.0, -1.0)  # what a box out of an NMS becomes: outside every (clipped) box, IoU 1 with its like
 FEW_BOXES = 1000  # torchvision's batched_nms shifts groups apart up to this many boxes on a CPU (4,000 coordinates)
@@ -59,12 +59,6 @@ def anchors_of(detector: nn.Module, padded: Tensor, maps: list[Tensor]) -> Tenso
     batch = padded.shape[0]
     anchors = detector.anchor_generator(ImageList(padded, [(padded.shape[-2], padded.shape[-1])] * batch), maps)
     return anchors[0]  # the same for every image of one size
-
-
-def clip(boxes: Tensor, height, width) -> Tensor:
-    """Boxes (..., 4) xyxy clipped to an image of `height` x `width` (torchvision's clip_boxes_to_image)."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack((x1.clamp(0, width), y1.clamp(0, height), x2.clamp(0, width), y2.clamp(0, height)), dim=-1)
 
 
 def large_enough(boxes: Tensor, min_size: float) -> Tensor:
@@ -162,7 +156,22 @@ def interpolation_weights(start: Tensor, end: Tensor, length, source: int, dtype
     return weights * inside[..., None].to(dtype)
 
 
-class TwoStageInference(nn.Module):
+class DetectorInference(nn.Module):
+    """What both inferences share: the detector, and its padding and feature pyramid of the images."""
+
+    with_masks = False
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def features(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The images padded as the detector pads them, and its feature pyramid of them."""
+        padded = pad_to_multiple(images, self.detector.transform.size_divisible)
+        return padded, self.detector.backbone(padded)
+
+
+class TwoStageInference(DetectorInference):
     """A torchvision Faster / Mask R-CNN's inference (``detector.eval()(images)``) on normalised images
     (B, 3, H, W) of one size: boxes, scores, labels (B, D) [masks (B, D, H, W)] and whether each of the D
     detections is one (D = the detector's ``detections_per_img``; rows hold the valid ones first, by score).
@@ -174,10 +183,9 @@ class TwoStageInference(nn.Module):
     """
 
     def __init__(self, detector: nn.Module) -> None:
-        super().__init__()
         if not isinstance(detector, FasterRCNN):
             raise ValueError(f"TwoStageInference runs torchvision's Faster / Mask R-CNN; got {type(detector).__name__}")
-        self.detector = detector
+        super().__init__(detector)
         self.with_masks = detector.roi_heads.has_mask()
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
@@ -187,11 +195,6 @@ class TwoStageInference(nn.Module):
         if not self.with_masks:
             return boxes, scores, labels, valid
         return boxes, scores, labels, valid, self.masks(features, boxes, labels, height, width)
-
-    def features(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The images padded as the detector pads them, and its feature pyramid of them."""
-        padded = pad_to_multiple(images, self.detector.transform.size_divisible)
-        return padded, self.detector.backbone(padded)
 
     def detections(self, padded: Tensor, features: dict[str, Tensor], height, width) -> tuple[Tensor, ...]:
         """Boxes, scores, labels and validity (B, D) of images of `height` x `width` (without masks)."""
@@ -221,7 +224,7 @@ class TwoStageInference(nn.Module):
             offset, start = offset + scores.shape[1], start + top.shape[1]
         chosen, levels = torch.cat(chosen, dim=1), torch.cat(levels, dim=1)
         scores = objectness.gather(1, chosen).sigmoid()
-        boxes = clip(boxes.gather(1, chosen[..., None].expand(-1, -1, 4)), height, width)
+        boxes = clip_boxes_to_image(boxes.gather(1, chosen[..., None].expand(-1, -1, 4)), (height, width))
         valid = large_enough(boxes, rpn.min_size) & (scores >= rpn.score_thresh)
         kept = torch.stack([kept_by_nms(boxes[b], scores[b], levels[b], valid[b], rpn.nms_thresh, members)
                             for b in range(batch)])  # NMS per image and level
@@ -238,7 +241,8 @@ class TwoStageInference(nn.Module):
         class_logits, regression = heads.box_predictor(heads.box_head(pooled))
         classes = class_logits.shape[-1]
         boxes = heads.box_coder.decode_single(regression, proposals.reshape(-1, 4))  # (B * P, 4 * classes)
-        boxes = clip(boxes.reshape(batch, count, classes, 4)[:, :, 1:], height, width).reshape(batch, -1, 4)
+        boxes = boxes.reshape(batch, count, classes, 4)[:, :, 1:]
+        boxes = clip_boxes_to_image(boxes, (height, width)).reshape(batch, -1, 4)
         scores = F.softmax(class_logits, -1).reshape(batch, count, classes)[:, :, 1:].reshape(batch, -1)
         labels = torch.arange(1, classes, device=boxes.device).repeat(batch, count)
         valid = (proposal_valid.repeat_interleave(classes - 1, dim=1) & (scores > heads.score_thresh)
@@ -261,7 +265,7 @@ class TwoStageInference(nn.Module):
         return paste_masks(chosen.sigmoid(), boxes.reshape(-1, 4), height, width).reshape(batch, count, height, width)
 
 
-class OneStageInference(nn.Module):
+class OneStageInference(DetectorInference):
     """A torchvision RetinaNet's or FCOS's inference on normalised images (B, 3, H, W) of one size, as
     :class:`TwoStageInference`: boxes, scores, labels (B, D) and whether each of the D detections is one.
 
@@ -272,21 +276,13 @@ class OneStageInference(nn.Module):
     """
 
     def __init__(self, detector: nn.Module) -> None:
-        super().__init__()
         if not isinstance(detector, (RetinaNet, FCOS)):
             raise ValueError(f"OneStageInference runs torchvision's RetinaNet and FCOS; got {type(detector).__name__}")
-        self.detector = detector
-
-    with_masks = False
+        super().__init__(detector)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         height, width = images.shape[-2:]
         return self.detections(*self.features(images), height, width)
-
-    def features(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The images padded as the detector pads them, and its feature pyramid of them."""
-        padded = pad_to_multiple(images, self.detector.transform.size_divisible)
-        return padded, self.detector.backbone(padded)
 
     def detections(self, padded: Tensor, features: dict[str, Tensor], height, width) -> tuple[Tensor, ...]:
         """Boxes, scores, labels and validity (B, D) of images of `height` x `width`."""
@@ -313,7 +309,7 @@ class OneStageInference(nn.Module):
         # RetinaNet's BoxCoder decodes (N, 4) codes with decode_single, FCOS's BoxLinearCoder with decode
         decode = detector.box_coder.decode if isinstance(detector, FCOS) else detector.box_coder.decode_single
         boxes = decode(regression.reshape(-1, 4), anchors[places.flatten()])
-        boxes = clip(boxes.view(batch, -1, 4), height, width)
+        boxes = clip_boxes_to_image(boxes.view(batch, -1, 4), (height, width))
         candidates = torch.arange(chosen.shape[1], device=boxes.device)  # any class may be anywhere among them
         members = {label: candidates for label in range(classes)}
         kept = torch.stack([kept_by_nms(boxes[b], scores[b], labels[b], valid[b], detector.nms_thresh, members)
