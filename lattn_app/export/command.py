@@ -221,10 +221,9 @@ def export_model(task: LattnTask, fmt: str, size: tuple[int, int] | None = None,
     if len(size) != 2 or min(size) < 1 or size[0] % step or size[1] % step:
         raise ValueError(f"--image_size: expected [height, width], both multiples of {step} (the network's coarsest "
                          f"stride); got {list(size)}")
-    smallest = wrapper.min_size() if isinstance(wrapper, DetectionExport) and dynamic_size else 1
-    if min(size) < smallest:
-        raise ValueError(f"--image_size: a detector is traced at {smallest} pixels or more in height and width (its "
-                         f"coarsest level needs 2 rows to vary in the exported file); got {list(size)}")
+    if dynamic_size and min(size) < wrapper.min_size():
+        raise ValueError(f"--image_size: this network is traced at {wrapper.min_size()} pixels or more in height and "
+                         f"width (its coarsest level needs 2 rows to vary in the exported file); got {list(size)}")
     what = describe(task_name(type(task)), task.hparams)
     failure = None
     try:

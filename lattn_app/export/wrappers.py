@@ -55,6 +55,10 @@ class ExportWrapper(nn.Module):
         """Image heights and widths the network takes: multiples of this (its coarsest stride)."""
         return max(int(stride) for stride in self.task.backbone.strides)
 
+    def min_size(self) -> int:
+        """The least height and width a dynamic-size export is traced at (one block of the size multiple)."""
+        return self.size_multiple()
+
     def native_size(self) -> tuple[int, int]:
         """The image size the network was configured for (its training size, where it has one)."""
         return (224, 224)
